@@ -1,0 +1,165 @@
+//! Start-up as a function tests call: [`Application::build`] connects, migrates and binds
+//! (port 0 in tests), [`Application::run_until_stopped`] serves until the shutdown future
+//! resolves, then lets in-flight requests finish and stops the background tasks.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, middleware::from_fn, web};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::cache::{Cache, Connections};
+use crate::config::{Settings, WriteToken};
+use crate::db::{self, DbSetupError};
+use crate::http;
+use crate::items::repo::ItemRepo;
+use crate::items::service::ItemService;
+use crate::metrics::{self, MetricsError, PoolName};
+
+/// How long in-flight requests get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often histograms are compacted and pool gauges sampled.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Db(#[from] DbSetupError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("REDIS_URL: {0}")]
+    Redis(String),
+    #[error("LISTEN_ADDR: could not listen on {addr}: {cause}")]
+    Bind { addr: String, cause: std::io::Error },
+}
+
+/// What every handler can reach: one cheap-to-clone handle.
+pub struct AppState {
+    pub service: ItemService,
+    pub write_token: Option<WriteToken>,
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// Samples both pools into the pool gauges.
+    pub fn sample_pools(&self) {
+        let status = self.service.repo().pool().status();
+        let waiting = status.waiting;
+        let in_use = status.size.saturating_sub(status.available);
+        metrics::record_pool(PoolName::Postgres, status.available, in_use, waiting);
+        let (idle, busy) = self.service.cache().connections().usage();
+        // Redis requests never wait for a connection: a missing one is made in the
+        // background while the request goes on without the cache.
+        metrics::record_pool(PoolName::Redis, idle, busy, 0);
+    }
+}
+
+pub struct Application {
+    server: Server,
+    port: u16,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    /// Connects to Postgres (migrating it) and Redis, and binds the listener.
+    /// Redis being down is not fatal: the service starts degraded and connects later.
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let metrics = metrics::install()?;
+        db::run_migrations(&settings.database_url).await?;
+        let repo = ItemRepo::new(db::pool(&settings.database_url, settings.db_pool_size)?);
+
+        let factory = deadpool_redis::Config::from_url(settings.redis_url.clone())
+            .builder()
+            .map_err(|e| StartupError::Redis(e.to_string()))?
+            .max_size(settings.redis_pool_size)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StartupError::Redis(e.to_string()))?;
+        // Connecting may take longer than one command's deadline (TCP + HELLO), but not long.
+        let connect_timeout = settings.redis_timeout.max(Duration::from_millis(500));
+        let conns = Connections::new(factory, settings.redis_pool_size, connect_timeout);
+        if conns.connect_all().await == 0 {
+            tracing::warn!("redis is not reachable; serving from postgres until it is");
+        }
+        let cache = Cache::new(conns, &settings.cache_key_prefix, settings.redis_timeout);
+
+        let state = web::Data::new(AppState {
+            service: ItemService::new(repo, cache, &settings),
+            write_token: settings.write_token.clone(),
+            metrics,
+        });
+        let listener =
+            TcpListener::bind(settings.listen_addr).map_err(|cause| StartupError::Bind {
+                addr: settings.listen_addr.to_string(),
+                cause,
+            })?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let server = server(state.clone(), listener).map_err(|cause| StartupError::Bind {
+            addr: settings.listen_addr.to_string(),
+            cause,
+        })?;
+        Ok(Application {
+            server,
+            port,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, lets in-flight requests
+    /// finish (up to 10 s), stops background tasks and closes the pools.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let upkeep = tokio::spawn(upkeep(self.state.clone(), stop_rx));
+        let handle = self.server.handle();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            handle.stop(true).await;
+        });
+        let served = self.server.await;
+        let _ = stop_tx.send(true);
+        let _ = upkeep.await;
+        self.state.service.repo().pool().close();
+        served
+    }
+}
+
+fn server(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<Server> {
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(from_fn(http::middleware::observe))
+            .configure(http::routes)
+            .default_service(web::to(http::errors::route_not_found))
+    })
+    .listen(listener)?
+    // Signals are the binary's business (main.rs turns them into the shutdown future);
+    // tests stop servers without them.
+    .disable_signals()
+    .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+    .run())
+}
+
+/// Histogram upkeep and pool sampling, until the server stops.
+async fn upkeep(state: web::Data<AppState>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(UPKEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                state.metrics.run_upkeep();
+                state.sample_pools();
+            }
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Redis specifics: connections, key names, the entry encoding, and the Lua fill script.
+//!
+//! ## Connections
+//! A `MultiplexedConnection` pipelines many concurrent commands over one socket and is made
+//! to be cloned. Taking a deadpool-redis object per request costs an `UNWATCH` + `PING` round
+//! trip on every checkout (STACK.md measured 0.2× of Redis's own speed), so deadpool-redis
+//! is used here only as the factory that makes connections: [`Connections`] keeps
+//! `REDIS_POOL_SIZE` of them, hands out clones round-robin, and replaces a broken one in the
+//! background while requests go on without the cache.
+//!
+//! ## Entries
+//! `{prefix}item:{id}` holds what a hit needs and nothing to decode:
+//! `I<version> <fresh_until_ms> <item JSON>` or `N <fresh_until_ms>` (a cached "not found").
+//! The key itself lives `CACHE_STALE_SECS` longer than the freshness, so that the entry can
+//! be served `STALE` while Postgres is down.
+//!
+//! ## Leases
+//! `{prefix}lease:{id}` holds the token of the one reader allowed to fill the entry. See
+//! `docs/cache-design.md` and [`FILL_SCRIPT`].
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use bytes::Bytes;
+
+use crate::items::model::{ItemId, ItemJson};
+
+/// The fill, atomic in Redis: store the entry only if the reader's lease is still there.
+///
+/// A write deletes both the entry and the lease *after* its commit, so a lease that survives
+/// until the fill proves no write was acknowledged between the reader's lease and its fill;
+/// and a write that committed before the lease was taken is in what the reader read.
+/// The interleaving it defeats (the classic cache-aside race):
+///
+/// ```text
+///   reader                               writer
+///   GET item:7        -> miss
+///   SET lease:7 R NX  -> ok
+///   SELECT ... v3
+///                                        UPDATE ... v4; COMMIT
+///                                        DEL item:7 lease:7
+///   FILL item:7 v3 if lease:7 == R  -> refused: the lease is gone
+/// ```
+///
+/// Without the lease check the reader would store v3 after the writer's delete, and every
+/// read would return v3 until the TTL ran out.
+///
+/// KEYS: entry, lease pairs. ARGV: token, value, ttl_ms triples. Returns 1 (filled) or 0 each.
+pub const FILL_SCRIPT: &str = r"
+local filled = {}
+for i = 1, #KEYS, 2 do
+  local a = (i - 1) / 2 * 3
+  if redis.call('GET', KEYS[i + 1]) == ARGV[a + 1] then
+    redis.call('SET', KEYS[i], ARGV[a + 2], 'PX', ARGV[a + 3])
+    redis.call('DEL', KEYS[i + 1])
+    filled[#filled + 1] = 1
+  else
+    filled[#filled + 1] = 0
+  end
+end
+return filled
+";
+
+/// Key names under `CACHE_KEY_PREFIX`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn entry(&self, id: ItemId) -> String {
+        format!("{}item:{id}", self.prefix)
+    }
+
+    pub fn lease(&self, id: ItemId) -> String {
+        format!("{}lease:{id}", self.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+/// What an entry holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    Item(ItemJson),
+    NotFound,
+}
+
+/// A decoded entry: the value, and until when it is fresh (Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub value: Cached,
+    pub fresh_until_ms: i64,
+}
+
+impl Entry {
+    pub fn is_fresh(&self, now_ms: i64) -> bool {
+        now_ms < self.fresh_until_ms
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match &self.value {
+            Cached::Item(item) => {
+                let mut out = Vec::with_capacity(item.json.len() + 32);
+                out.extend_from_slice(
+                    format!("I{} {} ", item.version, self.fresh_until_ms).as_bytes(),
+                );
+                out.extend_from_slice(&item.json);
+                out
+            }
+            Cached::NotFound => format!("N {}", self.fresh_until_ms).into_bytes(),
+        }
+    }
+
+    /// Reads the header and slices the JSON out of `raw` without copying it. Anything that
+    /// does not parse (another program's key, an older format) is treated as a miss.
+    pub fn decode(raw: Bytes) -> Option<Entry> {
+        let (&tag, rest) = raw.split_first()?;
+        match tag {
+            b'N' => Some(Entry {
+                value: Cached::NotFound,
+                fresh_until_ms: parse_i64(rest.strip_prefix(b" ")?)?,
+            }),
+            b'I' => {
+                let version_end = rest.iter().position(|&b| b == b' ')?;
+                let version = parse_i64(&rest[..version_end])?;
+                let after_version = &rest[version_end + 1..];
+                let fresh_end = after_version.iter().position(|&b| b == b' ')?;
+                let fresh_until_ms = parse_i64(&after_version[..fresh_end])?;
+                let json_start = 1 + version_end + 1 + fresh_end + 1;
+                Some(Entry {
+                    value: Cached::Item(ItemJson {
+                        version,
+                        json: raw.slice(json_start..),
+                    }),
+                    fresh_until_ms,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+fn parse_i64(digits: &[u8]) -> Option<i64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// One connection slot: the connection (or none while it is being replaced), which
+/// generation it is, and how many commands it has in flight (for the pool gauges).
+struct Slot {
+    conn: RwLock<Option<(u64, MultiplexedConnection)>>,
+    reconnecting: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+/// `REDIS_POOL_SIZE` multiplexed connections, shared by all workers.
+#[derive(Clone)]
+pub struct Connections {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    factory: deadpool_redis::Pool,
+    slots: Box<[Slot]>,
+    generation: AtomicU64,
+    connect_timeout: Duration,
+}
+
+/// A connection lent for one command; counts as in flight until dropped.
+pub struct Lent<'a> {
+    pub conn: MultiplexedConnection,
+    slot: &'a Slot,
+    index: usize,
+    generation: u64,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    /// Round-robin position, per thread so workers do not contend on one counter.
+    static NEXT: Cell<usize> = const { Cell::new(0) };
+}
+
+impl Connections {
+    pub fn new(
+        factory: deadpool_redis::Pool,
+        size: usize,
+        connect_timeout: Duration,
+    ) -> Connections {
+        let slots = (0..size.max(1))
+            .map(|_| Slot {
+                conn: RwLock::new(None),
+                reconnecting: AtomicBool::new(false),
+                in_flight: AtomicUsize::new(0),
+            })
+            .collect();
+        Connections {
+            inner: Arc::new(Inner {
+                factory,
+                slots,
+                generation: AtomicU64::new(0),
+                connect_timeout,
+            }),
+        }
+    }
+
+    /// Connects every empty slot now (at start-up), each within the connect timeout.
+    /// Returns how many slots are connected; zero means Redis is not reachable yet, and
+    /// the slots will be filled in the background once it is.
+    pub async fn connect_all(&self) -> usize {
+        for index in 0..self.inner.slots.len() {
+            self.inner.clone().reconnect(index).await;
+        }
+        self.connected()
+    }
+
+    pub fn connected(&self) -> usize {
+        self.inner
+            .slots
+            .iter()
+            .filter(|s| s.conn.read().is_ok_and(|c| c.is_some()))
+            .count()
+    }
+
+    /// `(idle, in_use)`: connected slots without and with a command in flight.
+    pub fn usage(&self) -> (usize, usize) {
+        self.inner.slots.iter().fold((0, 0), |(idle, busy), slot| {
+            let connected = slot.conn.read().is_ok_and(|c| c.is_some());
+            match (connected, slot.in_flight.load(Ordering::Relaxed) > 0) {
+                (true, true) => (idle, busy + 1),
+                (true, false) => (idle + 1, busy),
+                (false, _) => (idle, busy),
+            }
+        })
+    }
+
+    /// A clone of the next connected slot's connection, or `None` when that slot is being
+    /// replaced (the caller goes on without the cache rather than wait for a connect).
+    pub fn lend(&self) -> Option<Lent<'_>> {
+        let index = NEXT.with(|n| {
+            let i = n.get();
+            n.set(i.wrapping_add(1));
+            i
+        }) % self.inner.slots.len();
+        let slot = &self.inner.slots[index];
+        let current = slot.conn.read().ok().and_then(|c| c.clone());
+        match current {
+            Some((generation, conn)) => {
+                slot.in_flight.fetch_add(1, Ordering::Relaxed);
+                Some(Lent {
+                    conn,
+                    slot,
+                    index,
+                    generation,
+                })
+            }
+            None => {
+                self.spawn_reconnect(index);
+                None
+            }
+        }
+    }
+
+    /// The command on `lent` failed or timed out: drop that connection (unless it was
+    /// already replaced) and make a new one in the background.
+    pub fn discard(&self, lent: &Lent<'_>) {
+        if let Ok(mut conn) = lent.slot.conn.write()
+            && conn.as_ref().is_some_and(|(g, _)| *g == lent.generation)
+        {
+            *conn = None;
+        }
+        self.spawn_reconnect(lent.index);
+    }
+
+    fn spawn_reconnect(&self, index: usize) {
+        let slot = &self.inner.slots[index];
+        if slot.reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move { inner.reconnect(index).await });
+    }
+}
+
+impl Inner {
+    async fn reconnect(self: Arc<Self>, index: usize) {
+        let slot = &self.slots[index];
+        slot.reconnecting.store(true, Ordering::Release);
+        let made = tokio::time::timeout(self.connect_timeout, self.factory.get()).await;
+        if let Ok(Ok(conn)) = made {
+            let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut current) = slot.conn.write() {
+                *current = Some((generation, deadpool_redis::Connection::take(conn)));
+            }
+        }
+        slot.reconnecting.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_without_touching_the_json() {
+        let json = Bytes::from_static(br#"{"id":7,"name":"a b c"}"#);
+        let entry = Entry {
+            value: Cached::Item(ItemJson {
+                version: 12,
+                json: json.clone(),
+            }),
+            fresh_until_ms: 1_764_000_000_123,
+        };
+        let decoded = Entry::decode(Bytes::from(entry.encode()));
+        assert_eq!(decoded, Some(entry));
+        let not_found = Entry {
+            value: Cached::NotFound,
+            fresh_until_ms: 5,
+        };
+        assert_eq!(
+            Entry::decode(Bytes::from(not_found.encode())),
+            Some(not_found)
+        );
+    }
+
+    #[test]
+    fn foreign_values_decode_as_misses() {
+        for raw in [&b""[..], b"X", b"I12", b"I12 x {}", b"N", b"Nx"] {
+            assert_eq!(Entry::decode(Bytes::copy_from_slice(raw)), None, "{raw:?}");
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Settings: every variable of the contract's configuration table, read once at start,
+//! typed and validated. Nothing else in the crate reads the environment.
+//!
+//! A bad value is a [`ConfigError`] that names the variable and the reason; `main` prints it
+//! as one line and exits 2.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A setting that could not be used: `CACHE_TTL_JITTER: must be between 0 and 1, got 1.5`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {reason}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub reason: String,
+}
+
+/// `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Whether reads use Redis at all (`CACHE_ENABLED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    Enabled,
+    Disabled,
+}
+
+/// The bearer token writes need when `WRITE_TOKEN` is set. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WriteToken(String);
+
+impl WriteToken {
+    pub fn matches(&self, presented: &str) -> bool {
+        // Length and content compared without an early exit, so the time taken does not tell
+        // an attacker how much of a guess was right.
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for WriteToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The service's configuration. Durations inside; `_ms`/`_secs` only at the env boundary.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    pub redis_url: String,
+    pub listen_addr: SocketAddr,
+    pub cache_mode: CacheMode,
+    pub cache_ttl: Duration,
+    /// Fraction in [0, 1): the fresh TTL is drawn from `ttl * (1 ± jitter)`.
+    pub cache_ttl_jitter: f64,
+    pub cache_negative_ttl: Duration,
+    pub cache_stale: Duration,
+    pub cache_key_prefix: String,
+    pub redis_timeout: Duration,
+    pub db_pool_size: usize,
+    pub redis_pool_size: usize,
+    pub write_token: Option<WriteToken>,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+impl Settings {
+    /// Reads the process environment (after `.env`, which `main` loads).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Builds settings from `(name, value)` pairs; unnamed variables take their defaults.
+    /// Tests use this to configure an instance without touching the process environment.
+    pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self, ConfigError>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let vars: HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let env = Env(&vars);
+        Ok(Settings {
+            database_url: env.url(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/itemcache",
+                &["postgres", "postgresql"],
+            )?,
+            redis_url: env.url("REDIS_URL", "redis://127.0.0.1:6379", &["redis"])?,
+            listen_addr: env.parsed(
+                "LISTEN_ADDR",
+                "127.0.0.1:8080",
+                "a socket address like 127.0.0.1:8080",
+            )?,
+            cache_mode: if env.bool("CACHE_ENABLED", true)? {
+                CacheMode::Enabled
+            } else {
+                CacheMode::Disabled
+            },
+            cache_ttl: env.secs("CACHE_TTL_SECS", 300, 1)?,
+            cache_ttl_jitter: env.fraction("CACHE_TTL_JITTER", 0.1)?,
+            cache_negative_ttl: env.secs("CACHE_NEGATIVE_TTL_SECS", 30, 1)?,
+            cache_stale: env.secs("CACHE_STALE_SECS", 600, 0)?,
+            cache_key_prefix: env.prefix("CACHE_KEY_PREFIX", "itemcache:")?,
+            redis_timeout: Duration::from_millis(env.int("REDIS_TIMEOUT_MS", 100, 1, 60_000)?),
+            db_pool_size: env.int("DB_POOL_SIZE", 16, 1, 1000)? as usize,
+            redis_pool_size: env.int("REDIS_POOL_SIZE", 16, 1, 1000)? as usize,
+            write_token: env.write_token("WRITE_TOKEN")?,
+            log_format: match env.raw("LOG_FORMAT").unwrap_or("text") {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(
+                        env.invalid("LOG_FORMAT", format!("must be text or json, got {other:?}"))
+                    );
+                }
+            },
+            log_filter: env.raw("RUST_LOG").unwrap_or("info").to_owned(),
+        })
+    }
+}
+
+/// The variables, read with one rule each.
+struct Env<'a>(&'a HashMap<String, String>);
+
+impl Env<'_> {
+    /// A set variable; an empty value counts as unset so `FOO=` in `.env` means "default".
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    fn invalid(&self, variable: &'static str, reason: String) -> ConfigError {
+        ConfigError { variable, reason }
+    }
+
+    fn parsed<T: std::str::FromStr>(
+        &self,
+        name: &'static str,
+        default: &str,
+        what: &str,
+    ) -> Result<T, ConfigError> {
+        let value = self.raw(name).unwrap_or(default);
+        value
+            .parse()
+            .map_err(|_| self.invalid(name, format!("must be {what}, got {value:?}")))
+    }
+
+    fn int(
+        &self,
+        name: &'static str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        let Some(value) = self.raw(name) else {
+            return Ok(default);
+        };
+        match value.parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.invalid(
+                name,
+                format!("must be an integer from {min} to {max}, got {value:?}"),
+            )),
+        }
+    }
+
+    fn secs(&self, name: &'static str, default: u64, min: u64) -> Result<Duration, ConfigError> {
+        // A year bounds every TTL: Redis takes milliseconds as a 64-bit integer, and larger
+        // values are certainly typos.
+        self.int(name, default, min, 365 * 24 * 3600)
+            .map(Duration::from_secs)
+    }
+
+    fn bool(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(name).map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(other) => Err(self.invalid(name, format!("must be true or false, got {other:?}"))),
+        }
+    }
+
+    fn fraction(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
+        let Some(value) = self.raw(name) else {
+            return Ok(default);
+        };
+        match value.parse::<f64>() {
+            Ok(f) if (0.0..1.0).contains(&f) => Ok(f),
+            _ => Err(self.invalid(name, format!("must be between 0 and 1, got {value}"))),
+        }
+    }
+
+    fn url(
+        &self,
+        name: &'static str,
+        default: &str,
+        schemes: &[&str],
+    ) -> Result<String, ConfigError> {
+        let value = self.raw(name).unwrap_or(default);
+        let scheme = value.split_once("://").map(|(s, _)| s);
+        match scheme {
+            Some(s) if schemes.contains(&s) => Ok(value.to_owned()),
+            // The value may hold a password: name the scheme we expected, never echo it.
+            _ => Err(self.invalid(
+                name,
+                format!("must be a URL starting with {}://", schemes[0]),
+            )),
+        }
+    }
+
+    fn prefix(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        // Unlike other variables, an explicitly empty prefix is meaningful (keys unprefixed).
+        let value = self.0.get(name).map(String::as_str).unwrap_or(default);
+        if value.len() > 128 || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.invalid(
+                name,
+                "must be at most 128 characters without spaces".to_owned(),
+            ));
+        }
+        Ok(value.to_owned())
+    }
+
+    fn write_token(&self, name: &'static str) -> Result<Option<WriteToken>, ConfigError> {
+        match self.0.get(name).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(t) if t.chars().any(|c| c.is_whitespace() || c.is_control()) => Err(self.invalid(
+                name,
+                "must not contain spaces or control characters".to_owned(),
+            )),
+            Some(t) => Ok(Some(WriteToken(t.to_owned()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_match_the_contract() -> Result<(), ConfigError> {
+        let s = settings(&[])?;
+        assert_eq!(s.listen_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.cache_mode, CacheMode::Enabled);
+        assert_eq!(s.cache_ttl, Duration::from_secs(300));
+        assert!((s.cache_ttl_jitter - 0.1).abs() < f64::EPSILON);
+        assert_eq!(s.cache_negative_ttl, Duration::from_secs(30));
+        assert_eq!(s.cache_stale, Duration::from_secs(600));
+        assert_eq!(s.cache_key_prefix, "itemcache:");
+        assert_eq!(s.redis_timeout, Duration::from_millis(100));
+        assert_eq!((s.db_pool_size, s.redis_pool_size), (16, 16));
+        assert!(s.write_token.is_none());
+        assert_eq!(s.log_format, LogFormat::Text);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_reason() {
+        let cases = [
+            (
+                "CACHE_TTL_JITTER",
+                "1.5",
+                "CACHE_TTL_JITTER: must be between 0 and 1, got 1.5",
+            ),
+            (
+                "CACHE_TTL_SECS",
+                "-3",
+                "CACHE_TTL_SECS: must be an integer from 1 to 31536000, got \"-3\"",
+            ),
+            (
+                "LISTEN_ADDR",
+                "nowhere",
+                "LISTEN_ADDR: must be a socket address like 127.0.0.1:8080, got \"nowhere\"",
+            ),
+            (
+                "CACHE_ENABLED",
+                "maybe",
+                "CACHE_ENABLED: must be true or false, got \"maybe\"",
+            ),
+            (
+                "REDIS_URL",
+                "http://x",
+                "REDIS_URL: must be a URL starting with redis://",
+            ),
+            (
+                "LOG_FORMAT",
+                "xml",
+                "LOG_FORMAT: must be text or json, got \"xml\"",
+            ),
+            (
+                "DB_POOL_SIZE",
+                "0",
+                "DB_POOL_SIZE: must be an integer from 1 to 1000, got \"0\"",
+            ),
+        ];
+        for (var, value, message) in cases {
+            let err = settings(&[(var, value)]).err().map(|e| e.to_string());
+            assert_eq!(err.as_deref(), Some(message), "{var}={value}");
+        }
+    }
+
+    #[test]
+    fn the_write_token_never_prints() -> Result<(), ConfigError> {
+        let s = settings(&[("WRITE_TOKEN", "s3cret")])?;
+        assert!(!format!("{s:?}").contains("s3cret"));
+        assert!(
+            s.write_token
+                .as_ref()
+                .is_some_and(|t| t.matches("s3cret") && !t.matches("s3cre"))
+        );
+        Ok(())
+    }
+}

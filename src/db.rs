@@ -1,0 +1,67 @@
+//! Postgres: the diesel-async connection pool and the embedded migrations.
+//!
+//! The binary links no libpq: migrations run through diesel-async's
+//! `AsyncConnectionWrapper` on a blocking thread, which works on any runtime.
+
+use std::time::Duration;
+
+use diesel_async::AsyncPgConnection;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+pub type PgPool = Pool<AsyncPgConnection>;
+
+/// How long a request waits for a pooled connection, or for a new one to be made, before
+/// it gives up: an exhausted or unreachable Postgres must answer 503, never hang.
+pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const POOL_CREATE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbSetupError {
+    #[error("could not build the Postgres pool: {0}")]
+    Pool(String),
+    #[error("could not connect to Postgres to migrate: {0}")]
+    Connect(String),
+    #[error("migrations failed: {0}")]
+    Migrate(String),
+}
+
+/// The pool: `size` connections at most, every wait bounded.
+pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbSetupError> {
+    let mut config = ManagerConfig::default();
+    // `Verified` (the default) sends a query on every checkout: one more round trip on
+    // every miss. A dead connection fails its first real query instead, which the repo
+    // classifies as "unavailable", and the pool drops it.
+    config.recycling_method = RecyclingMethod::Fast;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+        .create_timeout(Some(POOL_CREATE_TIMEOUT))
+        .recycle_timeout(Some(POOL_CREATE_TIMEOUT))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| DbSetupError::Pool(e.to_string()))
+}
+
+/// Applies pending migrations; returns how many ran.
+pub async fn run_migrations(database_url: &str) -> Result<usize, DbSetupError> {
+    let url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut conn =
+            <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&url)
+                .map_err(|e| DbSetupError::Connect(e.to_string()))?;
+        conn.run_pending_migrations(MIGRATIONS)
+            .map(|applied| applied.len())
+            .map_err(|e| DbSetupError::Migrate(e.to_string()))
+    })
+    .await
+    .map_err(|e| DbSetupError::Migrate(e.to_string()))?
+}

@@ -1,0 +1,335 @@
+//! Item handlers: extract, call one `ItemService` method, build the response.
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+use crate::app::AppState;
+use crate::http::body::JsonBody;
+use crate::http::errors::ApiError;
+use crate::http::headers::{self, SERVER_TIMING, X_CACHE};
+use crate::http::middleware::WriteAccess;
+use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
+use crate::items::service::{Batch, Lookup};
+
+/// Most ids in one batch read.
+pub const BATCH_MAX: usize = 100;
+/// Largest page of a listing, and the default.
+pub const LIST_MAX: i64 = 1000;
+pub const LIST_DEFAULT: i64 = 50;
+
+type State = web::Data<AppState>;
+
+/// `GET /items/{id}`: cache-aside read; 304 when `If-None-Match` names the current version.
+pub async fn get_item(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = ItemId::parse(&path).ok_or(ApiError::InvalidId)?;
+    let lookup = state.service.get(id).await?;
+    let mut response = read_response(&lookup);
+    match lookup.value {
+        None => {
+            // Not an error of ours, but still a read: keep its cache headers.
+            let mut error = actix_web::ResponseError::error_response(&ApiError::ItemNotFound);
+            copy_read_headers(&lookup, &mut error);
+            Ok(error)
+        }
+        Some(item) => {
+            let etag = headers::etag(item.version);
+            if headers::if_none_match(&req).is_some_and(|c| c.matches(item.version)) {
+                return Ok(HttpResponse::NotModified()
+                    .insert_header((header::ETAG, etag))
+                    .insert_header((X_CACHE, headers::x_cache(lookup.status)))
+                    .finish());
+            }
+            Ok(response.insert_header((header::ETAG, etag)).body(item.json))
+        }
+    }
+}
+
+/// `GET /items`: a batch read with `ids=`, else a keyset page.
+pub async fn get_items(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    match ItemsQuery::parse(req.query_string())? {
+        ItemsQuery::Batch(ids) => {
+            let lookup = state.service.get_many(&ids).await?;
+            Ok(read_response(&lookup).body(batch_body(&lookup.value)))
+        }
+        ItemsQuery::Page { after_id, limit } => {
+            let items = state
+                .service
+                .repo()
+                .list_items(after_id, limit)
+                .await
+                .map_err(crate::items::service::ServiceError::from)?;
+            let next_after_id = match items.last() {
+                Some(last) if items.len() as i64 == limit => Some(last.id),
+                _ => None,
+            };
+            Ok(HttpResponse::Ok().json(Page {
+                items: &items,
+                next_after_id,
+            }))
+        }
+    }
+}
+
+/// `POST /items`: 201 with `Location`.
+pub async fn create_item(
+    _: WriteAccess,
+    state: State,
+    body: JsonBody,
+) -> Result<HttpResponse, ApiError> {
+    let new = NewItem::parse(&body.0).map_err(ApiError::Validation)?;
+    let item = state.service.create(&new).await?;
+    Ok(item_response(
+        HttpResponse::Created().insert_header((header::LOCATION, format!("/items/{}", item.id))),
+        &item,
+    ))
+}
+
+/// `PATCH /items/{id}`: partial update, guarded by `If-Match` when given.
+pub async fn update_item(
+    _: WriteAccess,
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: JsonBody,
+) -> Result<HttpResponse, ApiError> {
+    let id = ItemId::parse(&path).ok_or(ApiError::InvalidId)?;
+    let patch = ItemPatch::parse(&body.0).map_err(ApiError::Validation)?;
+    let item = state
+        .service
+        .update(id, &patch, headers::if_match(&req).as_deref())
+        .await?;
+    Ok(item_response(&mut HttpResponse::Ok(), &item))
+}
+
+/// `DELETE /items/{id}`: 204, guarded by `If-Match` when given.
+pub async fn delete_item(
+    _: WriteAccess,
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = ItemId::parse(&path).ok_or(ApiError::InvalidId)?;
+    state
+        .service
+        .delete(id, headers::if_match(&req).as_deref())
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `DELETE /cache/items/{id}`: evicts the cache entry only.
+pub async fn evict_item(
+    _: WriteAccess,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = ItemId::parse(&path).ok_or(ApiError::InvalidId)?;
+    state.service.evict(id).await;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+fn read_response<T>(lookup: &Lookup<T>) -> actix_web::HttpResponseBuilder {
+    let mut response = HttpResponse::Ok();
+    response
+        .content_type("application/json")
+        .insert_header((X_CACHE, headers::x_cache(lookup.status)))
+        .insert_header((SERVER_TIMING, headers::server_timing(&lookup.timing)));
+    response
+}
+
+fn copy_read_headers<T>(lookup: &Lookup<T>, response: &mut HttpResponse) {
+    let headers = response.headers_mut();
+    headers.insert(X_CACHE, headers::x_cache(lookup.status));
+    headers.insert(SERVER_TIMING, headers::server_timing(&lookup.timing));
+}
+
+fn item_response(response: &mut actix_web::HttpResponseBuilder, item: &Item) -> HttpResponse {
+    let json = ItemJson::from_item(item);
+    response
+        .content_type("application/json")
+        .insert_header((header::ETAG, headers::etag(json.version)))
+        .body(json.json)
+}
+
+/// `{"items": [...], "missing": [...]}` from the cached bytes as they are.
+fn batch_body(batch: &Batch) -> Bytes {
+    let size =
+        batch.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 32 + batch.missing.len() * 20;
+    let mut out = BytesMut::with_capacity(size);
+    out.put_slice(b"{\"items\":[");
+    for (n, item) in batch.items.iter().enumerate() {
+        if n > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(&item.json);
+    }
+    out.put_slice(b"],\"missing\":[");
+    for (n, id) in batch.missing.iter().enumerate() {
+        if n > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(id.to_string().as_bytes());
+    }
+    out.put_slice(b"]}");
+    out.freeze()
+}
+
+#[derive(Serialize)]
+struct Page<'a> {
+    items: &'a [Item],
+    next_after_id: Option<i64>,
+}
+
+/// The two readings of `GET /items`.
+#[derive(Debug, PartialEq, Eq)]
+enum ItemsQuery {
+    /// Distinct ids, in request order.
+    Batch(Vec<ItemId>),
+    Page {
+        after_id: i64,
+        limit: i64,
+    },
+}
+
+impl ItemsQuery {
+    fn parse(query: &str) -> Result<ItemsQuery, ApiError> {
+        let pairs = web::Query::<Vec<(String, String)>>::from_query(query)
+            .map_err(|_| ApiError::InvalidQuery("the query string is not valid".into()))?
+            .into_inner();
+        let mut ids = None;
+        let mut limit = None;
+        let mut after_id = None;
+        for (name, value) in pairs {
+            let slot = match name.as_str() {
+                "ids" => &mut ids,
+                "limit" => &mut limit,
+                "after_id" => &mut after_id,
+                other => {
+                    return Err(ApiError::InvalidQuery(format!(
+                        "unknown query parameter {:?}; expected ids, or limit and after_id",
+                        truncate(other)
+                    )));
+                }
+            };
+            if slot.replace(value).is_some() {
+                return Err(ApiError::InvalidQuery(format!(
+                    "{name} is given more than once"
+                )));
+            }
+        }
+        match ids {
+            Some(_) if limit.is_some() || after_id.is_some() => Err(ApiError::InvalidQuery(
+                "ids cannot be combined with limit or after_id".into(),
+            )),
+            Some(ids) => parse_ids(&ids).map(ItemsQuery::Batch),
+            None => Ok(ItemsQuery::Page {
+                limit: parse_bounded("limit", limit.as_deref(), LIST_DEFAULT, 1, LIST_MAX)?,
+                after_id: parse_bounded("after_id", after_id.as_deref(), 0, 0, i64::MAX)?,
+            }),
+        }
+    }
+}
+
+fn parse_ids(raw: &str) -> Result<Vec<ItemId>, ApiError> {
+    let mut ids: Vec<ItemId> = Vec::new();
+    for part in raw.split(',') {
+        if ids.len() >= BATCH_MAX {
+            break;
+        }
+        let id = ItemId::parse(part.trim()).ok_or_else(|| {
+            ApiError::InvalidIds(format!(
+                "ids must be integers from 1 to 9223372036854775807, got {:?}",
+                truncate(part)
+            ))
+        })?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let given = raw.split(',').count();
+    if given > BATCH_MAX {
+        return Err(ApiError::InvalidIds(format!(
+            "at most {BATCH_MAX} ids, got {given}"
+        )));
+    }
+    Ok(ids)
+}
+
+fn parse_bounded(
+    name: &str,
+    raw: Option<&str>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.trim().parse::<i64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::InvalidQuery(format!(
+            "{name} must be an integer from {min} to {max}, got {:?}",
+            truncate(raw)
+        ))),
+    }
+}
+
+/// Echo at most 40 characters of a client's input back in an error.
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(raw: &[i64]) -> Vec<ItemId> {
+        raw.iter().filter_map(|&n| ItemId::new(n)).collect()
+    }
+
+    #[test]
+    fn batch_ids_keep_order_and_drop_duplicates() {
+        assert_eq!(
+            ItemsQuery::parse("ids=3,1,3,2").ok(),
+            Some(ItemsQuery::Batch(ids(&[3, 1, 2])))
+        );
+    }
+
+    #[test]
+    fn bad_queries_are_refused() {
+        let cases = [
+            ("ids=", "invalid_ids"),
+            ("ids=1,,2", "invalid_ids"),
+            ("ids=0", "invalid_ids"),
+            ("ids=1&limit=5", "invalid_query"),
+            ("limit=0", "invalid_query"),
+            ("limit=1001", "invalid_query"),
+            ("after_id=-1", "invalid_query"),
+            ("limit=1&limit=2", "invalid_query"),
+            ("colour=red", "invalid_query"),
+        ];
+        for (query, code) in cases {
+            let got = ItemsQuery::parse(query).err().map(|e| e.code());
+            assert_eq!(got, Some(code), "{query}");
+        }
+        let hundred_and_one = (1..=101)
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(ItemsQuery::parse(&format!("ids={hundred_and_one}")).is_err());
+    }
+
+    #[test]
+    fn a_page_has_defaults() {
+        assert_eq!(
+            ItemsQuery::parse("").ok(),
+            Some(ItemsQuery::Page {
+                after_id: 0,
+                limit: 50
+            })
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! Postgres queries on `items`: one function per `query` label of
+//! `itemcache_db_query_duration_seconds`, each timed. Knows SQL, not the cache or HTTP.
+
+use std::time::Instant;
+
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_async::RunQueryDsl;
+
+use crate::db::PgPool;
+use crate::items::model::{Item, ItemId, ItemPatch, NewItem};
+use crate::metrics::{self, DbQuery};
+use crate::schema::items;
+
+/// Why a query did not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RepoError {
+    /// No connection could be had in time, or it broke: Postgres is down or overloaded.
+    #[error("postgres unavailable: {0}")]
+    Unavailable(String),
+    /// Postgres answered with an error: a bug or a broken schema, not an outage.
+    #[error("query failed: {0}")]
+    Query(String),
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for RepoError {
+    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        RepoError::Unavailable(e.to_string())
+    }
+}
+
+impl From<DieselError> for RepoError {
+    fn from(e: DieselError) -> Self {
+        match &e {
+            DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _,
+            ) => RepoError::Unavailable(e.to_string()),
+            _ => RepoError::Query(e.to_string()),
+        }
+    }
+}
+
+/// What an update or delete guarded by `If-Match` came to.
+#[derive(Debug)]
+pub enum WriteOutcome<T> {
+    Done(T),
+    NotFound,
+    /// The row exists at another version than the client expected.
+    VersionConflict,
+}
+
+/// The `items` table.
+#[derive(Clone)]
+pub struct ItemRepo {
+    pool: PgPool,
+}
+
+impl ItemRepo {
+    pub fn new(pool: PgPool) -> ItemRepo {
+        ItemRepo { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    #[tracing::instrument(skip_all, fields(item.id = %id))]
+    pub async fn get_item(&self, id: ItemId) -> Result<Option<Item>, RepoError> {
+        let started = Instant::now();
+        let mut conn = self.pool.get().await?;
+        let item = items::table
+            .find(id.get())
+            .select(Item::as_select())
+            .first(&mut conn)
+            .await
+            .optional();
+        metrics::record_db_query(DbQuery::GetItem, started.elapsed());
+        Ok(item?)
+    }
+
+    /// One `= ANY($1)` query for all ids; the rows come back in no particular order.
+    #[tracing::instrument(skip_all, fields(item.count = ids.len()))]
+    pub async fn get_items(&self, ids: &[ItemId]) -> Result<Vec<Item>, RepoError> {
+        let started = Instant::now();
+        let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+        let mut conn = self.pool.get().await?;
+        let rows = items::table
+            .filter(items::id.eq_any(raw))
+            .select(Item::as_select())
+            .load(&mut conn)
+            .await;
+        metrics::record_db_query(DbQuery::GetItems, started.elapsed());
+        Ok(rows?)
+    }
+
+    /// Keyset page: ids greater than `after`, ascending.
+    #[tracing::instrument(skip_all)]
+    pub async fn list_items(&self, after: i64, limit: i64) -> Result<Vec<Item>, RepoError> {
+        let started = Instant::now();
+        let mut conn = self.pool.get().await?;
+        let rows = items::table
+            .filter(items::id.gt(after))
+            .order(items::id.asc())
+            .limit(limit)
+            .select(Item::as_select())
+            .load(&mut conn)
+            .await;
+        metrics::record_db_query(DbQuery::ListItems, started.elapsed());
+        Ok(rows?)
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn insert_item(&self, new: &NewItem) -> Result<Item, RepoError> {
+        let started = Instant::now();
+        let mut conn = self.pool.get().await?;
+        let item = diesel::insert_into(items::table)
+            .values(new)
+            .returning(Item::as_returning())
+            .get_result(&mut conn)
+            .await;
+        metrics::record_db_query(DbQuery::InsertItem, started.elapsed());
+        Ok(item?)
+    }
+
+    /// Applies `patch` if the row is at one of the `expected` versions (`If-Match`), or
+    /// unconditionally without them.
+    /// The trigger bumps `version` and `updated_at`.
+    #[tracing::instrument(skip_all, fields(item.id = %id))]
+    pub async fn update_item(
+        &self,
+        id: ItemId,
+        patch: &ItemPatch,
+        expected: Option<&[i64]>,
+    ) -> Result<WriteOutcome<Item>, RepoError> {
+        let started = Instant::now();
+        let mut conn = self.pool.get().await?;
+        let target = items::table.filter(items::id.eq(id.get()));
+        let updated = match expected {
+            Some(versions) => {
+                diesel::update(target.filter(items::version.eq_any(versions.to_vec())))
+                    .set(patch)
+                    .returning(Item::as_returning())
+                    .get_result(&mut conn)
+                    .await
+            }
+            None => {
+                diesel::update(target)
+                    .set(patch)
+                    .returning(Item::as_returning())
+                    .get_result(&mut conn)
+                    .await
+            }
+        }
+        .optional();
+        metrics::record_db_query(DbQuery::UpdateItem, started.elapsed());
+        match updated? {
+            Some(item) => Ok(WriteOutcome::Done(item)),
+            None => Ok(self.why_not_written(&mut conn, id).await?),
+        }
+    }
+
+    /// Deletes the row if it is at one of the `expected` versions, or unconditionally.
+    #[tracing::instrument(skip_all, fields(item.id = %id))]
+    pub async fn delete_item(
+        &self,
+        id: ItemId,
+        expected: Option<&[i64]>,
+    ) -> Result<WriteOutcome<()>, RepoError> {
+        let started = Instant::now();
+        let mut conn = self.pool.get().await?;
+        let target = items::table.filter(items::id.eq(id.get()));
+        let deleted = match expected {
+            Some(versions) => {
+                diesel::delete(target.filter(items::version.eq_any(versions.to_vec())))
+                    .execute(&mut conn)
+                    .await
+            }
+            None => diesel::delete(target).execute(&mut conn).await,
+        };
+        metrics::record_db_query(DbQuery::DeleteItem, started.elapsed());
+        match deleted? {
+            0 => Ok(self.why_not_written(&mut conn, id).await?),
+            _ => Ok(WriteOutcome::Done(())),
+        }
+    }
+
+    /// A guarded write touched no row: either the item is gone or its version moved on.
+    async fn why_not_written<T>(
+        &self,
+        conn: &mut diesel_async::AsyncPgConnection,
+        id: ItemId,
+    ) -> Result<WriteOutcome<T>, RepoError> {
+        let exists: bool = diesel::select(diesel::dsl::exists(items::table.find(id.get())))
+            .get_result(conn)
+            .await?;
+        Ok(if exists {
+            WriteOutcome::VersionConflict
+        } else {
+            WriteOutcome::NotFound
+        })
+    }
+
+    /// `SELECT 1`, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), RepoError> {
+        let mut conn = self.pool.get().await?;
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("1"))
+            .get_result::<i32>(&mut conn)
+            .await?;
+        Ok(())
+    }
+}

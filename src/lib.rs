@@ -1,0 +1,22 @@
+//! itemcache: item lookups over REST, Redis in front of Postgres (cache-aside,
+//! read-through), race-safe on writes, observable on `/metrics`.
+//!
+//! - [`config`]: every setting, read once and validated.
+//! - [`app`]: start-up and shutdown; [`app::AppState`] is what handlers reach.
+//! - [`http`]: routes, handlers, problem documents, headers, middleware.
+//! - [`items`]: the item model, its Postgres queries, and the cache-aside service.
+//! - [`cache`]: Redis entries, fill leases, and request coalescing.
+//! - [`db`]: the Postgres pool and embedded migrations; [`seed`]: bulk demo data.
+//! - [`metrics`]: every metric name and label; [`telemetry`]: logs.
+
+pub mod app;
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod failpoints;
+pub mod http;
+pub mod items;
+pub mod metrics;
+pub mod schema;
+pub mod seed;
+pub mod telemetry;

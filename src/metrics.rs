@@ -1,0 +1,264 @@
+//! Every metric the service exports: names, labels and buckets, and the `record_*` helpers
+//! the rest of the crate calls. The names are the contract's (§3): the bundled dashboard,
+//! the alert rules and the tests depend on them, so they live here and nowhere else.
+//!
+//! Labels are `&'static str` from enums: recording allocates no label strings.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// HTTP requests served. Labels: `method`, `route` (the pattern), `status`.
+pub const HTTP_REQUESTS_TOTAL: &str = "itemcache_http_requests_total";
+/// Time to answer a request. Labels: `method`, `route`, `cache`.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "itemcache_http_request_duration_seconds";
+/// One per id looked up. Label: `result` (hit, miss, stale, bypass).
+pub const CACHE_LOOKUPS_TOTAL: &str = "itemcache_cache_lookups_total";
+/// One Redis round trip. Label: `op` (get, mget, set, delete).
+pub const CACHE_OPERATION_DURATION_SECONDS: &str = "itemcache_cache_operation_duration_seconds";
+/// Redis calls that failed or passed their deadline. Label: `op`.
+pub const CACHE_ERRORS_TOTAL: &str = "itemcache_cache_errors_total";
+/// One Postgres query. Label: `query`.
+pub const DB_QUERY_DURATION_SECONDS: &str = "itemcache_db_query_duration_seconds";
+/// Reads that waited for another read's load instead of querying.
+pub const COALESCED_REQUESTS_TOTAL: &str = "itemcache_coalesced_requests_total";
+/// Pool connections. Labels: `pool` (postgres, redis), `state` (idle, in_use).
+pub const POOL_CONNECTIONS: &str = "itemcache_pool_connections";
+/// Tasks waiting for a pooled connection. Label: `pool`.
+pub const POOL_WAITERS: &str = "itemcache_pool_waiters";
+/// Always 1. Label: `version`.
+pub const BUILD_INFO: &str = "itemcache_build_info";
+
+/// From 50 µs (a Redis GET on loopback) to 5 s (a request stuck behind a pool timeout),
+/// roughly ×2 apart so a hit and a miss land in different buckets.
+pub const LATENCY_BUCKETS: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
+    0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Where a read was answered from: `X-Cache`, and the `cache`/`result` metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Stale,
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+
+    /// The `X-Cache` header value.
+    pub fn header_value(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// The `op` label of Redis metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOp {
+    Get,
+    Mget,
+    Set,
+    Delete,
+}
+
+impl CacheOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOp::Get => "get",
+            CacheOp::Mget => "mget",
+            CacheOp::Set => "set",
+            CacheOp::Delete => "delete",
+        }
+    }
+}
+
+/// The `query` label of Postgres metrics: one per function of `items::repo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbQuery {
+    GetItem,
+    GetItems,
+    ListItems,
+    InsertItem,
+    UpdateItem,
+    DeleteItem,
+}
+
+impl DbQuery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbQuery::GetItem => "get_item",
+            DbQuery::GetItems => "get_items",
+            DbQuery::ListItems => "list_items",
+            DbQuery::InsertItem => "insert_item",
+            DbQuery::UpdateItem => "update_item",
+            DbQuery::DeleteItem => "delete_item",
+        }
+    }
+}
+
+/// The `pool` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolName {
+    Postgres,
+    Redis,
+}
+
+impl PoolName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolName::Postgres => "postgres",
+            PoolName::Redis => "redis",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("could not install the metrics recorder: {0}")]
+pub struct MetricsError(String);
+
+/// Installs the Prometheus recorder once per process and returns its handle. A process
+/// has one global recorder; several applications in one process (the tests) share it.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&LATENCY_BUCKETS)
+        .map_err(|e| MetricsError(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| MetricsError(e.to_string()))?;
+    let handle = HANDLE.get_or_init(|| handle).clone();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests served, by route pattern and status"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to answer a request"
+    );
+    describe_counter!(
+        CACHE_LOOKUPS_TOTAL,
+        "Item ids looked up, by where the answer came from"
+    );
+    describe_histogram!(
+        CACHE_OPERATION_DURATION_SECONDS,
+        Unit::Seconds,
+        "One Redis round trip"
+    );
+    describe_counter!(
+        CACHE_ERRORS_TOTAL,
+        "Redis calls that failed or passed their deadline"
+    );
+    describe_histogram!(
+        DB_QUERY_DURATION_SECONDS,
+        Unit::Seconds,
+        "One Postgres query"
+    );
+    describe_counter!(
+        COALESCED_REQUESTS_TOTAL,
+        "Reads that waited for another read's load"
+    );
+    describe_gauge!(POOL_CONNECTIONS, "Pool connections by state");
+    describe_gauge!(POOL_WAITERS, "Tasks waiting for a pooled connection");
+    describe_gauge!(BUILD_INFO, "Build information; always 1");
+}
+
+pub fn record_http_request(
+    method: &'static str,
+    route: &'static str,
+    status: u16,
+    cache: &'static str,
+    took: Duration,
+) {
+    counter!(HTTP_REQUESTS_TOTAL, "method" => method, "route" => route, "status" => status_label(status)).increment(1);
+    histogram!(HTTP_REQUEST_DURATION_SECONDS, "method" => method, "route" => route, "cache" => cache)
+        .record(took.as_secs_f64());
+}
+
+pub fn record_lookups(status: CacheStatus, ids: usize) {
+    counter!(CACHE_LOOKUPS_TOTAL, "result" => status.as_str()).increment(ids as u64);
+}
+
+pub fn record_cache_op(op: CacheOp, took: Duration) {
+    histogram!(CACHE_OPERATION_DURATION_SECONDS, "op" => op.as_str()).record(took.as_secs_f64());
+}
+
+pub fn record_cache_error(op: CacheOp) {
+    counter!(CACHE_ERRORS_TOTAL, "op" => op.as_str()).increment(1);
+}
+
+pub fn record_db_query(query: DbQuery, took: Duration) {
+    histogram!(DB_QUERY_DURATION_SECONDS, "query" => query.as_str()).record(took.as_secs_f64());
+}
+
+pub fn record_coalesced(waiters: usize) {
+    counter!(COALESCED_REQUESTS_TOTAL).increment(waiters as u64);
+}
+
+pub fn record_pool(pool: PoolName, idle: usize, in_use: usize, waiters: usize) {
+    gauge!(POOL_CONNECTIONS, "pool" => pool.as_str(), "state" => "idle").set(idle as f64);
+    gauge!(POOL_CONNECTIONS, "pool" => pool.as_str(), "state" => "in_use").set(in_use as f64);
+    gauge!(POOL_WAITERS, "pool" => pool.as_str()).set(waiters as f64);
+}
+
+/// Status codes as static label values, so counting a response allocates nothing.
+fn status_label(status: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 20] = [
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (412, "412"),
+        (413, "413"),
+        (415, "415"),
+        (422, "422"),
+        (429, "429"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+        (431, "431"),
+        (406, "406"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(code, _)| *code == status)
+        .map(|(_, label)| *label)
+        .unwrap_or(match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        })
+}
