@@ -1,0 +1,264 @@
+//! Private Postgres and Redis servers for the test process, on free loopback ports.
+//!
+//! Each server has a guardian: a `sh` that waits on a pipe from this process and stops the
+//! server (and removes its files) when the pipe closes, i.e. when the test process exits,
+//! however it exits. Servers can be stopped, frozen and restarted by the tests that need
+//! outages; such tests start their own (`dedicated`) so that others are not disturbed.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static SERIAL: AtomicUsize = AtomicUsize::new(0);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A command run as the `postgres` OS user when we are root (Postgres refuses root).
+fn as_pg_user(program: &Path) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A `sh` that runs `script` once this process's end of its stdin closes.
+fn guardian(script: &str) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("read _ignored; {script}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn guardian")
+}
+
+fn scratch_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "itemcache-test-{}-{kind}-{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn pg_bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("Postgres is installed (/usr/lib/postgresql); scripts/test installs it")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions
+        .pop()
+        .expect("an initdb under /usr/lib/postgresql/*/bin")
+}
+
+pub fn wait_for_port(port: u16, deadline: Duration) -> bool {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A Postgres cluster of our own.
+pub struct PgServer {
+    pub port: u16,
+    data: PathBuf,
+    dir: PathBuf,
+    bin: PathBuf,
+    _guardian: Mutex<Child>,
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let bin = pg_bin_dir();
+        let dir = scratch_dir("pg");
+        if is_root() {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir));
+        }
+        let data = dir.join("data");
+        run(as_pg_user(&bin.join("initdb")).arg("-D").arg(&data).args([
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        ]));
+        let port = free_port();
+        let server = PgServer {
+            port,
+            _guardian: Mutex::new(guardian(&format!(
+                "{} {} -D {} stop -m immediate; rm -rf {}",
+                if is_root() {
+                    "runuser -u postgres --"
+                } else {
+                    ""
+                },
+                bin.join("pg_ctl").display(),
+                data.display(),
+                dir.display()
+            ))),
+            data,
+            dir,
+            bin,
+        };
+        server.start_again();
+        server
+    }
+
+    /// Starts the (stopped) server on its port.
+    pub fn start_again(&self) {
+        // fsync and friends off: test data need not survive a machine crash.
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c shared_preload_libraries=pg_stat_statements \
+             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+            self.port,
+            self.dir.display()
+        );
+        run(as_pg_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-o", &options, "-l"])
+            .arg(self.dir.join("log"))
+            .args(["-w", "-t", "60", "start"]));
+    }
+
+    /// Stops the server at once, as a crash would (`-m immediate`).
+    pub fn stop(&self) {
+        run(as_pg_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]));
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+/// A Redis server of our own.
+pub struct RedisServer {
+    pub port: u16,
+    state: Mutex<RedisProcess>,
+}
+
+struct RedisProcess {
+    child: Child,
+    _guardian: Child,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = free_port();
+        RedisServer {
+            port,
+            state: Mutex::new(Self::spawn(port)),
+        }
+    }
+
+    fn spawn(port: u16) -> RedisProcess {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed; scripts/test installs it");
+        let guardian = guardian(&format!("kill -CONT {0}; kill -9 {0}", child.id()));
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "redis on {port} did not start"
+        );
+        RedisProcess {
+            child,
+            _guardian: guardian,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.state.lock().unwrap().child.id();
+        run(Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string()));
+    }
+
+    /// SIGSTOP: the socket still accepts, nothing answers.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    /// Kills the server: connections are refused until [`RedisServer::restart`].
+    pub fn kill(&self) {
+        let mut state = self.state.lock().unwrap();
+        let _ = state.child.kill();
+        let _ = state.child.wait();
+    }
+
+    /// Starts a fresh (empty) server on the same port.
+    pub fn restart(&self) {
+        let mut state = self.state.lock().unwrap();
+        *state = Self::spawn(self.port);
+    }
+}
