@@ -135,19 +135,18 @@ pub struct MetricsError(String);
 /// Installs the Prometheus recorder once per process and returns its handle. A process
 /// has one global recorder; several applications in one process (the tests) share it.
 pub fn install() -> Result<PrometheusHandle, MetricsError> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
-    let handle = PrometheusBuilder::new()
-        .set_buckets(&LATENCY_BUCKETS)
-        .map_err(|e| MetricsError(e.to_string()))?
-        .install_recorder()
-        .map_err(|e| MetricsError(e.to_string()))?;
-    let handle = HANDLE.get_or_init(|| handle).clone();
-    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    describe();
-    Ok(handle)
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    let handle = HANDLE.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .map_err(|e| e.to_string())?
+            .install_recorder()
+            .map_err(|e| e.to_string())?;
+        gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        describe();
+        Ok(handle)
+    });
+    handle.clone().map_err(MetricsError)
 }
 
 fn describe() {

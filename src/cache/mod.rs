@@ -1,4 +1,4 @@
-//! The cache: get, mget, lease, fill and invalidate, each one Redis round trip under the
+//! The cache: get, mget, stamps, fill and invalidate, each one Redis round trip under the
 //! `REDIS_TIMEOUT_MS` deadline, each timed and its failures counted. It knows entries and
 //! keys; *when* to use them is `items::service`'s decision.
 
@@ -15,10 +15,10 @@ use crate::items::model::ItemId;
 use crate::metrics::{self, CacheOp};
 pub use redis::{Cached, Connections, Entry, Keys};
 
-/// How long a reader's lease to fill an entry lasts. Longer than any Postgres read we
-/// would wait for (pool wait 2 s + query); a lease left by a reader that died only stops
-/// others from *filling* for this long, they still answer from Postgres.
-pub const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How long a write's stamp is kept. It must outlive any read in flight when the write
+/// happened (reads take seconds at most: pool and Redis deadlines bound them); a day is
+/// far beyond that and costs one small key per id written that day.
+pub const STAMP_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Why Redis did not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -31,17 +31,16 @@ pub enum CacheError {
     Redis(String),
 }
 
-/// A reader's right to fill one entry; see [`redis::FILL_SCRIPT`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub id: ItemId,
-    token: String,
-}
+/// The write stamp a reader noted before reading Postgres; empty when the id was never
+/// written (or its stamp expired). See [`redis::FILL_SCRIPT`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stamp(Bytes);
 
-/// One entry to store under a lease.
+/// One entry to store if the id's stamp is still the one noted.
 #[derive(Debug)]
 pub struct Fill {
-    pub lease: Lease,
+    pub id: ItemId,
+    pub noted: Stamp,
     pub entry: Entry,
     pub ttl: Duration,
 }
@@ -52,6 +51,7 @@ pub struct Cache {
     keys: Keys,
     timeout: Duration,
     fill_script: Script,
+    invalidate_script: Script,
 }
 
 impl Cache {
@@ -61,6 +61,7 @@ impl Cache {
             keys: Keys::new(key_prefix),
             timeout,
             fill_script: Script::new(redis::FILL_SCRIPT),
+            invalidate_script: Script::new(redis::INVALIDATE_SCRIPT),
         }
     }
 
@@ -96,35 +97,29 @@ impl Cache {
         }
     }
 
-    /// Takes the fill lease of each id where no other reader holds one (`SET NX`, one
-    /// pipelined round trip). `None` where another reader is filling: read, don't fill.
-    pub async fn lease(&self, ids: &[ItemId]) -> Result<Vec<Option<Lease>>, CacheError> {
-        let mut pipe = ::redis::pipe();
-        let leases: Vec<Lease> = ids
-            .iter()
-            .map(|&id| Lease {
-                id,
-                token: format!("{:016x}", rand::rng().random::<u64>()),
-            })
-            .collect();
-        for lease in &leases {
-            pipe.cmd("SET")
-                .arg(self.keys.lease(lease.id))
-                .arg(&lease.token)
-                .arg("NX")
-                .arg("PX")
-                .arg(LEASE_TTL.as_millis() as u64);
+    /// The current write stamps of `ids`, in order: one `MGET`. Taken before reading
+    /// Postgres, so that a fill can prove no write came in between.
+    pub async fn stamps(&self, ids: &[ItemId]) -> Result<Vec<Stamp>, CacheError> {
+        let mut cmd = ::redis::cmd("MGET");
+        for &id in ids {
+            cmd.arg(self.keys.stamp(id));
         }
-        let replies: Vec<Value> = self.run_pipe(CacheOp::Set, &pipe).await?;
-        Ok(leases
-            .into_iter()
-            .zip(replies)
-            .map(|(lease, reply)| matches!(reply, Value::Okay).then_some(lease))
-            .collect())
+        match self.run(CacheOp::Mget, &cmd).await? {
+            Value::Array(values) if values.len() == ids.len() => Ok(values
+                .into_iter()
+                .map(|v| match v {
+                    Value::BulkString(raw) => Stamp(Bytes::from(raw)),
+                    _ => Stamp::default(),
+                })
+                .collect()),
+            other => Err(CacheError::Redis(format!(
+                "unexpected MGET reply {other:?}"
+            ))),
+        }
     }
 
-    /// Stores each entry whose lease still stands, in one script call. Returns how many
-    /// were stored; the others were invalidated by a write since their lease was taken.
+    /// Stores each entry whose stamp is unchanged, in one script call. Returns how many
+    /// were stored; the others were written since their stamp was noted.
     pub async fn fill(&self, fills: &[Fill]) -> Result<usize, CacheError> {
         if fills.is_empty() {
             return Ok(0);
@@ -132,34 +127,29 @@ impl Cache {
         let mut invocation = self.fill_script.prepare_invoke();
         for fill in fills {
             invocation
-                .key(self.keys.entry(fill.lease.id))
-                .key(self.keys.lease(fill.lease.id))
-                .arg(&fill.lease.token)
+                .key(self.keys.entry(fill.id))
+                .key(self.keys.stamp(fill.id))
+                .arg(fill.noted.0.as_ref())
                 .arg(fill.entry.encode())
                 .arg(fill.ttl.as_millis().max(1) as u64);
         }
-        let started = Instant::now();
-        let result = match self.conns.lend() {
-            None => Err(CacheError::NoConnection),
-            Some(mut lent) => {
-                let outcome = tokio::time::timeout(
-                    self.timeout,
-                    invocation.invoke_async::<Vec<i64>>(&mut lent.conn),
-                )
-                .await;
-                self.settle(&lent, outcome)
-            }
-        };
-        self.account(CacheOp::Set, started, &result);
-        Ok(result?.iter().filter(|&&filled| filled == 1).count())
+        let filled: Vec<i64> = self.invoke(CacheOp::Set, &invocation).await?;
+        Ok(filled.iter().filter(|&&f| f == 1).count())
     }
 
-    /// Deletes the entry and any fill lease of `id`: the next read goes to Postgres, and a
-    /// reader that read before the write can no longer fill.
+    /// After a write's commit: a new stamp for `id` and its entry deleted, atomically. The
+    /// next read goes to Postgres, and a reader that read before the write cannot fill.
     pub async fn invalidate(&self, id: ItemId) -> Result<(), CacheError> {
-        let mut cmd = ::redis::cmd("DEL");
-        cmd.arg(self.keys.entry(id)).arg(self.keys.lease(id));
-        self.run(CacheOp::Delete, &cmd).await.map(drop)
+        let stamp = format!("{:016x}", rand::rng().random::<u64>());
+        let mut invocation = self.invalidate_script.prepare_invoke();
+        invocation
+            .key(self.keys.entry(id))
+            .key(self.keys.stamp(id))
+            .arg(stamp)
+            .arg(STAMP_TTL.as_millis() as u64);
+        self.invoke::<i64>(CacheOp::Delete, &invocation)
+            .await
+            .map(drop)
     }
 
     /// `PING`, for `/readyz`.
@@ -183,18 +173,18 @@ impl Cache {
         result
     }
 
-    async fn run_pipe(
+    async fn invoke<T: ::redis::FromRedisValue>(
         &self,
         op: CacheOp,
-        pipe: &::redis::Pipeline,
-    ) -> Result<Vec<Value>, CacheError> {
+        invocation: &::redis::ScriptInvocation<'_>,
+    ) -> Result<T, CacheError> {
         let started = Instant::now();
         let result = match self.conns.lend() {
             None => Err(CacheError::NoConnection),
             Some(mut lent) => {
                 let outcome = tokio::time::timeout(
                     self.timeout,
-                    pipe.query_async::<Vec<Value>>(&mut lent.conn),
+                    invocation.invoke_async::<T>(&mut lent.conn),
                 )
                 .await;
                 self.settle(&lent, outcome)

@@ -14,9 +14,11 @@
 //! The key itself lives `CACHE_STALE_SECS` longer than the freshness, so that the entry can
 //! be served `STALE` while Postgres is down.
 //!
-//! ## Leases
-//! `{prefix}lease:{id}` holds the token of the one reader allowed to fill the entry. See
-//! `docs/cache-design.md` and [`FILL_SCRIPT`].
+//! ## Write stamps
+//! `{prefix}stamp:{id}` holds a random token that every write of the id replaces (after its
+//! commit, together with deleting the entry). A reader notes the stamp before it reads
+//! Postgres and fills only if the stamp is unchanged; see [`FILL_SCRIPT`] and
+//! `docs/cache-design.md`.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,40 +30,52 @@ use bytes::Bytes;
 
 use crate::items::model::{ItemId, ItemJson};
 
-/// The fill, atomic in Redis: store the entry only if the reader's lease is still there.
+/// The fill, atomic in Redis: store the entry only if no write has stamped the id since
+/// the reader noted its stamp (before reading Postgres).
 ///
-/// A write deletes both the entry and the lease *after* its commit, so a lease that survives
-/// until the fill proves no write was acknowledged between the reader's lease and its fill;
-/// and a write that committed before the lease was taken is in what the reader read.
+/// A write replaces the stamp and deletes the entry *after* its commit, so an unchanged
+/// stamp at fill time proves that no write was acknowledged between the reader's note and
+/// its fill, and a write that committed before the note is in what the reader read.
 /// The interleaving it defeats (the classic cache-aside race):
 ///
 /// ```text
 ///   reader                               writer
-///   GET item:7        -> miss
-///   SET lease:7 R NX  -> ok
+///   GET item:7          -> miss
+///   GET stamp:7         -> s1
 ///   SELECT ... v3
 ///                                        UPDATE ... v4; COMMIT
-///                                        DEL item:7 lease:7
-///   FILL item:7 v3 if lease:7 == R  -> refused: the lease is gone
+///                                        SET stamp:7 s2; DEL item:7
+///   FILL item:7 v3 if stamp:7 == s1  -> refused: the stamp is s2
 /// ```
 ///
-/// Without the lease check the reader would store v3 after the writer's delete, and every
-/// read would return v3 until the TTL ran out.
+/// Without the check the reader would store v3 after the writer's delete, and every read
+/// would return v3 until the TTL ran out. Stamps are random, not counters, so a stamp that
+/// expired and was written again can never look unchanged (no ABA).
 ///
-/// KEYS: entry, lease pairs. ARGV: token, value, ttl_ms triples. Returns 1 (filled) or 0 each.
+/// KEYS: entry, stamp pairs. ARGV: noted stamp ("" for none), value, ttl_ms triples.
+/// Returns 1 (filled) or 0 for each pair.
 pub const FILL_SCRIPT: &str = r"
 local filled = {}
 for i = 1, #KEYS, 2 do
   local a = (i - 1) / 2 * 3
-  if redis.call('GET', KEYS[i + 1]) == ARGV[a + 1] then
+  if (redis.call('GET', KEYS[i + 1]) or '') == ARGV[a + 1] then
     redis.call('SET', KEYS[i], ARGV[a + 2], 'PX', ARGV[a + 3])
-    redis.call('DEL', KEYS[i + 1])
     filled[#filled + 1] = 1
   else
     filled[#filled + 1] = 0
   end
 end
 return filled
+";
+
+/// A write's invalidation, atomic in Redis: a new stamp (so in-flight readers cannot
+/// fill), then the entry gone (so the next read goes to Postgres).
+///
+/// KEYS: entry, stamp. ARGV: new stamp, stamp ttl_ms.
+pub const INVALIDATE_SCRIPT: &str = r"
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[1])
+return 1
 ";
 
 /// Key names under `CACHE_KEY_PREFIX`.
@@ -81,8 +95,8 @@ impl Keys {
         format!("{}item:{id}", self.prefix)
     }
 
-    pub fn lease(&self, id: ItemId) -> String {
-        format!("{}lease:{id}", self.prefix)
+    pub fn stamp(&self, id: ItemId) -> String {
+        format!("{}stamp:{id}", self.prefix)
     }
 
     pub fn prefix(&self) -> &str {

@@ -4,6 +4,10 @@
 //! A load may cover many ids (a batch read's misses are one `= ANY` query): the caller
 //! leads the ids nobody is loading yet and follows the ones already in flight. If a leader
 //! goes away without an answer (its request was cancelled), its followers take over.
+//!
+//! Each load carries a tag (the service uses the write stamp its leader noted); a caller
+//! joins only a load with its own tag, and otherwise starts a newer one that later callers
+//! join instead. So a load that began before a write never answers a read begun after it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,16 +16,27 @@ use std::sync::Mutex;
 
 use tokio::sync::watch;
 
-/// In-flight loads keyed by `K`, each ending in a `V` shared with every waiter.
-pub struct Flights<K, V> {
+/// In-flight loads keyed by `K`, tagged with a `T`, each ending in a `V` shared with
+/// every waiter.
+pub struct Flights<K, T, V> {
     // A std Mutex: held only to look up or insert, never across an `.await`.
-    inflight: Mutex<HashMap<K, watch::Receiver<Option<V>>>>,
+    inflight: Mutex<HashMap<K, Flight<T, V>>>,
+    /// Numbers each registration, so a finished leader unregisters only its own flight.
+    next_flight: std::sync::atomic::AtomicU64,
 }
 
-impl<K, V> Default for Flights<K, V> {
+/// One registered load: its number, its tag, and where its answer will appear.
+struct Flight<T, V> {
+    number: u64,
+    tag: T,
+    answer: watch::Receiver<Option<V>>,
+}
+
+impl<K, T, V> Default for Flights<K, T, V> {
     fn default() -> Self {
         Flights {
             inflight: Mutex::new(HashMap::new()),
+            next_flight: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -40,14 +55,15 @@ pub struct Landed<K, V> {
     pub coalesced: usize,
 }
 
-impl<K, V> Flights<K, V>
+impl<K, T, V> Flights<K, T, V>
 where
     K: Copy + Eq + Hash,
+    T: Clone + PartialEq,
     V: Clone,
 {
     /// Loads `keys`: `load` is called with the keys no other caller is loading (once, or
     /// again for keys whose leader was cancelled) and returns a value for each of them.
-    pub async fn run<F, Fut>(&self, keys: &[K], load: F) -> Landed<K, V>
+    pub async fn run<F, Fut>(&self, keys: &[K], tag: impl Fn(&K) -> T, load: F) -> Landed<K, V>
     where
         F: Fn(Vec<K>) -> Fut,
         Fut: Future<Output = HashMap<K, V>>,
@@ -56,12 +72,16 @@ where
         let mut coalesced = 0;
         let mut pending = keys.to_vec();
         while !pending.is_empty() {
-            let (leading, following) = self.join(&pending);
+            let flight = self
+                .next_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (leading, following) = self.join(&pending, flight, &tag);
             pending.clear();
             if !leading.is_empty() {
                 let registered = Registered {
                     flights: self,
                     keys: leading.iter().map(|(key, _)| *key).collect(),
+                    flight,
                 };
                 let loaded = load(registered.keys.clone()).await;
                 // Unregister before publishing: a caller arriving from now on starts a new
@@ -95,32 +115,51 @@ where
 
     /// Splits `keys` into those this caller must load (now registered as in flight) and
     /// those another caller is loading.
-    fn join(&self, keys: &[K]) -> Joined<K, V> {
+    fn join(&self, keys: &[K], number: u64, tag: &impl Fn(&K) -> T) -> Joined<K, V> {
         let mut leading = Vec::new();
         let mut following = Vec::new();
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         for &key in keys {
+            let tag = tag(&key);
             match inflight.get(&key) {
-                Some(rx) => following.push((key, rx.clone())),
-                None => {
+                Some(flight) if flight.tag == tag => following.push((key, flight.answer.clone())),
+                // None in flight, or one begun before a write we know of: start a newer one.
+                _ => {
                     let (tx, rx) = watch::channel(None);
-                    inflight.insert(key, rx);
+                    inflight.insert(
+                        key,
+                        Flight {
+                            number,
+                            tag,
+                            answer: rx,
+                        },
+                    );
                     leading.push((key, tx));
                 }
             }
         }
         (leading, following)
     }
+
+    /// Lets the next caller for `key` start a new load instead of joining the one in
+    /// flight: after a write, a load that began before it must not answer later readers.
+    pub fn forget(&self, key: &K) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
 }
 
 /// The keys a leader registered; unregistered when it finishes or is dropped mid-load, so
 /// that a cancelled request never leaves an id "in flight" forever.
-struct Registered<'a, K: Eq + Hash, V> {
-    flights: &'a Flights<K, V>,
+struct Registered<'a, K: Eq + Hash, T, V> {
+    flights: &'a Flights<K, T, V>,
     keys: Vec<K>,
+    flight: u64,
 }
 
-impl<K: Eq + Hash, V> Drop for Registered<'_, K, V> {
+impl<K: Eq + Hash, T, V> Drop for Registered<'_, K, T, V> {
     fn drop(&mut self) {
         let mut inflight = self
             .flights
@@ -128,7 +167,10 @@ impl<K: Eq + Hash, V> Drop for Registered<'_, K, V> {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         for key in &self.keys {
-            inflight.remove(key);
+            // Only our own registration: a newer flight may have taken the key.
+            if inflight.get(key).is_some_and(|f| f.number == self.flight) {
+                inflight.remove(key);
+            }
         }
     }
 }
@@ -141,7 +183,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_callers_share_one_load() {
-        let flights = Arc::new(Flights::<u32, u32>::default());
+        let flights = Arc::new(Flights::<u32, (), u32>::default());
         let loads = Arc::new(AtomicUsize::new(0));
         let (release, gate) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -149,14 +191,18 @@ mod tests {
             let (flights, loads, gate) = (flights.clone(), loads.clone(), gate.clone());
             tasks.push(tokio::spawn(async move {
                 flights
-                    .run(&[1, 2], |keys| {
-                        loads.fetch_add(1, Ordering::SeqCst);
-                        let mut gate = gate.clone();
-                        async move {
-                            let _ = gate.wait_for(|open| *open).await;
-                            keys.into_iter().map(|k| (k, k * 10)).collect()
-                        }
-                    })
+                    .run(
+                        &[1, 2],
+                        |_| (),
+                        |keys| {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            let mut gate = gate.clone();
+                            async move {
+                                let _ = gate.wait_for(|open| *open).await;
+                                keys.into_iter().map(|k| (k, k * 10)).collect()
+                            }
+                        },
+                    )
                     .await
             }));
         }
@@ -179,14 +225,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_leader_hands_over() {
-        let flights = Arc::new(Flights::<u32, u32>::default());
+        let flights = Arc::new(Flights::<u32, (), u32>::default());
         let leader = {
             let flights = flights.clone();
             tokio::spawn(async move {
                 flights
-                    .run(&[7], |_| async {
-                        std::future::pending::<HashMap<u32, u32>>().await
-                    })
+                    .run(
+                        &[7],
+                        |_| (),
+                        |_| async { std::future::pending::<HashMap<u32, u32>>().await },
+                    )
                     .await
             })
         };
@@ -202,9 +250,11 @@ mod tests {
             let flights = flights.clone();
             tokio::spawn(async move {
                 flights
-                    .run(&[7], |keys| async move {
-                        keys.into_iter().map(|k| (k, 70)).collect()
-                    })
+                    .run(
+                        &[7],
+                        |_| (),
+                        |keys| async move { keys.into_iter().map(|k| (k, 70)).collect() },
+                    )
                     .await
             })
         };

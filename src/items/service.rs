@@ -1,9 +1,11 @@
 //! Cache-aside orchestration: the one place that decides HIT, MISS, STALE or BYPASS, and
 //! that every write invalidates the cache after its commit.
 //!
-//! Read: Redis first; a fresh entry answers. Otherwise one load per id per instance
-//! (singleflight) takes a fill lease, reads Postgres, and fills only if the lease still
-//! stands (see `docs/cache-design.md`). Redis failing or slow: answer from Postgres,
+//! Read: Redis first; a fresh entry answers. Otherwise the reader notes the id's write
+//! stamp, and one load per id per instance (singleflight) reads Postgres and fills only if
+//! the stamp is unchanged (see `docs/cache-design.md`). A reader joins another's load only
+//! if both noted the same stamp: a load that began before a write never answers a read
+//! that began after it. Redis failing or slow: answer from Postgres,
 //! `BYPASS`. Postgres failing: an entry past freshness beats a 503, `STALE`.
 
 use std::collections::HashMap;
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use crate::cache::singleflight::Flights;
-use crate::cache::{Cache, Cached, Entry, Fill, Lease};
+use crate::cache::{Cache, Cached, Entry, Fill, Stamp};
 use crate::config::{CacheMode, Settings};
 use crate::failpoints;
 use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
@@ -64,15 +66,11 @@ pub struct Batch {
     pub missing: Vec<ItemId>,
 }
 
-/// One id's load from Postgres, shared by every coalesced reader.
+/// One id's answer from Postgres, shared by every coalesced reader.
 type Loaded = Result<Option<ItemJson>, ServiceError>;
 
-/// Whether a load may fill the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FillMode {
-    Fill,
-    NoFill,
-}
+/// The write stamps a reader noted before loading; `None` when it will not fill.
+type Noted = Option<HashMap<ItemId, Stamp>>;
 
 /// Cache TTLs, from the settings.
 #[derive(Debug, Clone)]
@@ -105,7 +103,9 @@ struct Inner {
     cache: Cache,
     mode: CacheMode,
     ttls: Ttls,
-    flights: Flights<ItemId, Loaded>,
+    /// Loads in flight, tagged with the write stamp their leader noted (`None` for loads
+    /// that do not fill: cache disabled or failing).
+    flights: Flights<ItemId, Option<Stamp>, Loaded>,
 }
 
 impl ItemService {
@@ -170,6 +170,13 @@ impl ItemService {
         }
     }
 
+    /// The write stamps of `ids`, noted before a load; `None` if Redis failed just now
+    /// (the load then reads without filling).
+    async fn note_stamps(&self, ids: &[ItemId]) -> Noted {
+        let stamps = self.inner.cache.stamps(ids).await.ok()?;
+        Some(ids.iter().copied().zip(stamps).collect())
+    }
+
     /// Loads one id through the flights; falls back to `stale` if Postgres is down.
     async fn load_one(
         &self,
@@ -178,9 +185,12 @@ impl ItemService {
         status: CacheStatus,
         cache_time: Duration,
     ) -> Result<Lookup<Option<ItemJson>>, ServiceError> {
-        let fill = fill_mode(status);
         let started = Instant::now();
-        let mut loaded = self.load(&[id], fill).await;
+        let noted = match status {
+            CacheStatus::Miss => self.note_stamps(&[id]).await,
+            _ => None,
+        };
+        let mut loaded = self.load(&[id], noted).await;
         let db = Some(started.elapsed());
         let result = loaded.remove(&id).unwrap_or(Err(ServiceError::NotFound));
         let (value, status) = match (result, stale) {
@@ -216,7 +226,7 @@ impl ItemService {
         let Some(cached) = cached else {
             // Cache disabled, or Redis failed: every id from Postgres.
             let started = Instant::now();
-            let mut loaded = self.load(ids, FillMode::NoFill).await;
+            let mut loaded = self.load(ids, None).await;
             let db = Some(started.elapsed());
             let mut answers = Vec::with_capacity(ids.len());
             for id in ids {
@@ -263,7 +273,8 @@ impl ItemService {
         }
 
         let started = Instant::now();
-        let mut loaded = self.load(&to_load, FillMode::Fill).await;
+        let noted = self.note_stamps(&to_load).await;
+        let mut loaded = self.load(&to_load, noted).await;
         let db = Some(started.elapsed());
         let (mut misses, mut stales) = (0, 0);
         for (&id, answer) in ids.iter().zip(answers.iter_mut()) {
@@ -302,11 +313,20 @@ impl ItemService {
     }
 
     /// Loads `ids` from Postgres, coalesced with concurrent loads of the same ids.
-    async fn load(&self, ids: &[ItemId], fill: FillMode) -> HashMap<ItemId, Loaded> {
+    ///
+    /// A reader joins another's load only if both noted the same write stamp: then no
+    /// write came between the leader's note and ours, so the leader's read is at least as
+    /// new as any write acknowledged before we started.
+    async fn load(&self, ids: &[ItemId], noted: Noted) -> HashMap<ItemId, Loaded> {
+        let noted = noted.as_ref();
         let landed = self
             .inner
             .flights
-            .run(ids, |keys| self.load_and_fill(keys, fill))
+            .run(
+                ids,
+                |id| noted.and_then(|n| n.get(id)).cloned(),
+                |keys| self.load_and_fill(keys, noted),
+            )
             .await;
         if landed.coalesced > 0 {
             metrics::record_coalesced(landed.coalesced);
@@ -314,22 +334,14 @@ impl ItemService {
         landed.values
     }
 
-    /// The leader's work: lease, read, fill. Every id gets an answer.
-    async fn load_and_fill(&self, ids: Vec<ItemId>, fill: FillMode) -> HashMap<ItemId, Loaded> {
+    /// The leader's work: read Postgres, then fill each id whose stamp is unchanged.
+    /// Every id gets an answer.
+    async fn load_and_fill(
+        &self,
+        ids: Vec<ItemId>,
+        noted: Option<&HashMap<ItemId, Stamp>>,
+    ) -> HashMap<ItemId, Loaded> {
         let inner = &self.inner;
-        // The lease must be taken *before* the read: a write acknowledged after this point
-        // deletes it, and the fill below is refused.
-        let leases: Vec<Lease> = match fill {
-            FillMode::Fill => inner
-                .cache
-                .lease(&ids)
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .flatten()
-                .collect(),
-            FillMode::NoFill => Vec::new(),
-        };
         let rows = match ids.as_slice() {
             [id] => inner
                 .repo
@@ -350,22 +362,28 @@ impl ItemService {
             .iter()
             .filter_map(|item| ItemId::new(item.id).map(|id| (id, ItemJson::from_item(item))))
             .collect();
-        if !leases.is_empty() {
+        if let Some(noted) = noted {
             failpoints::pause(failpoints::BEFORE_FILL, || inner.cache.keys().entry(ids[0])).await;
-            self.fill(leases, &found).await;
+            self.fill(&ids, noted, &found).await;
         }
         ids.into_iter()
             .map(|id| (id, Ok(found.remove(&id))))
             .collect()
     }
 
-    async fn fill(&self, leases: Vec<Lease>, found: &HashMap<ItemId, ItemJson>) {
+    async fn fill(
+        &self,
+        ids: &[ItemId],
+        noted: &HashMap<ItemId, Stamp>,
+        found: &HashMap<ItemId, ItemJson>,
+    ) {
         let ttls = &self.inner.ttls;
         let now = now_ms();
-        let fills: Vec<Fill> = leases
-            .into_iter()
-            .map(|lease| {
-                let (value, fresh, keep) = match found.get(&lease.id) {
+        let fills: Vec<Fill> = ids
+            .iter()
+            .filter_map(|id| Some((*id, noted.get(id)?.clone())))
+            .map(|(id, noted)| {
+                let (value, fresh, keep) = match found.get(&id) {
                     Some(item) => {
                         let fresh = ttls.fresh();
                         (Cached::Item(item.clone()), fresh, fresh + ttls.stale)
@@ -373,7 +391,8 @@ impl ItemService {
                     None => (Cached::NotFound, ttls.negative, ttls.negative),
                 };
                 Fill {
-                    lease,
+                    id,
+                    noted,
                     entry: Entry {
                         value,
                         fresh_until_ms: now + fresh.as_millis() as i64,
@@ -425,9 +444,11 @@ impl ItemService {
         self.invalidate(id).await;
     }
 
-    /// After a commit: delete the entry and any fill lease, so the next read goes to
-    /// Postgres and a reader that read before the commit cannot fill.
+    /// After a commit: new readers on this instance start a new load, and in Redis the
+    /// id gets a new stamp and loses its entry, so the next read goes to Postgres and a
+    /// reader that read before the commit cannot fill.
     async fn invalidate(&self, id: ItemId) {
+        self.inner.flights.forget(&id);
         if let Err(e) = self.inner.cache.invalidate(id).await {
             tracing::warn!(item.id = %id, error = %e, "cache invalidation failed");
         }
@@ -439,13 +460,6 @@ fn written<T>(outcome: WriteOutcome<T>) -> Result<T, ServiceError> {
         WriteOutcome::Done(value) => Ok(value),
         WriteOutcome::NotFound => Err(ServiceError::NotFound),
         WriteOutcome::VersionConflict => Err(ServiceError::VersionConflict),
-    }
-}
-
-fn fill_mode(status: CacheStatus) -> FillMode {
-    match status {
-        CacheStatus::Miss => FillMode::Fill,
-        _ => FillMode::NoFill,
     }
 }
 

@@ -95,18 +95,10 @@ impl Backends {
 }
 
 /// How to configure one test's application.
+#[derive(Default)]
 pub struct Spawn {
     backends: Option<Arc<Backends>>,
     vars: HashMap<String, String>,
-}
-
-impl Default for Spawn {
-    fn default() -> Self {
-        Spawn {
-            backends: None,
-            vars: HashMap::new(),
-        }
-    }
 }
 
 impl Spawn {
@@ -376,4 +368,22 @@ pub fn header(response: &Response, name: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned()
+}
+
+/// Asserts that `response` is an RFC 9457 problem document with `status` and `code` (and
+/// every member the contract names); returns the document for further checks.
+#[allow(clippy::expect_used, reason = "a test assertion: panicking is its job")]
+pub async fn assert_problem(response: Response, status: u16, code: &str) -> Value {
+    let got_status = response.status().as_u16();
+    let content_type = header(&response, "content-type");
+    let text = response.text().await.expect("a body");
+    assert_eq!(got_status, status, "status; body: {text}");
+    assert_eq!(content_type, "application/problem+json", "body: {text}");
+    let problem: Value = serde_json::from_str(&text).expect("the problem is JSON");
+    assert_eq!(problem["code"], code, "{problem}");
+    assert_eq!(problem["status"], status, "{problem}");
+    for member in ["type", "title", "detail"] {
+        assert!(problem[member].is_string(), "{member} in {problem}");
+    }
+    problem
 }

@@ -1,0 +1,339 @@
+//! Dashboard truth: a real Prometheus scrapes a real instance under mixed traffic, and every
+//! query of the bundled Grafana dashboard (every panel target, rows included, and the
+//! `instance` variable) runs against it and returns data. A query naming a metric or label
+//! the service does not export, or one Prometheus refuses, fails here with its panel's name.
+//! The alert rules are loaded too, and must evaluate without error.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::prometheus_server::Prometheus;
+use crate::serial;
+use crate::support::{TestApp, eventually, spawn_app};
+
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/grafana/dashboards/itemcache.json"
+);
+const ALERT_RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/prometheus/alerts.yml");
+
+/// Far beyond any id a test database hands out.
+const ABSENT_ID_BASE: i64 = 1_000_000_000;
+
+/// What Grafana would put for each variable with every instance selected, against a
+/// Prometheus scraping every second. `$__rate_interval` is 10 s: Grafana makes it at least
+/// 4 scrape intervals; 10 s holds ~10 scrapes, so a rate never lacks its two samples.
+fn variable(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "instance" => ".*",
+        "__rate_interval" => "10s",
+        "__interval" => "2s",
+        "__interval_ms" => "2000",
+        "__range" => "1m",
+        "__range_s" => "60",
+        "__range_ms" => "60000",
+        _ => return None,
+    })
+}
+
+/// `expr` with Grafana's variables (`$name`, `${name}`, `${name:format}`) replaced. `$1` and
+/// `${1}` are left alone: they are `label_replace` backreferences, not variables.
+fn substitute(expr: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, len) = match after.strip_prefix('{') {
+            Some(braced) => {
+                let end = braced
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed ${{ in {expr:?}"))?;
+                let name = braced[..end].split(':').next().unwrap_or("");
+                (name, end + 2)
+            }
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], end)
+            }
+        };
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            out.push_str(&rest[at..at + 1 + len]);
+        } else {
+            let value =
+                variable(name).ok_or_else(|| format!("unknown variable ${name} in {expr:?}"))?;
+            out.push_str(value);
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// One panel target.
+struct Target {
+    /// `panel 3 "Cache hit ratio" (row "Overview") query A`
+    panel: String,
+    expr: String,
+}
+
+/// Every target of every panel, rows' nested panels included.
+fn targets(dashboard: &Value) -> Vec<Target> {
+    fn walk(panels: &Value, row: Option<&str>, out: &mut Vec<Target>) {
+        let mut row = row.map(str::to_owned);
+        for panel in panels.as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or("<untitled>");
+            if panel["type"] == "row" {
+                row = Some(title.to_owned());
+                walk(&panel["panels"], Some(title), out);
+                continue;
+            }
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                out.push(Target {
+                    panel: format!(
+                        "panel {} {title:?}{} query {}",
+                        panel["id"],
+                        row.as_deref()
+                            .map(|r| format!(" (row {r:?})"))
+                            .unwrap_or_default(),
+                        target["refId"].as_str().unwrap_or("?")
+                    ),
+                    expr: target["expr"].as_str().unwrap_or("").to_owned(),
+                });
+            }
+            walk(&panel["panels"], row.as_deref(), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard["panels"], None, &mut out);
+    out
+}
+
+/// `label_values(metric, label)` (or `label_values(label)`): the metric selector, if any,
+/// and the label.
+fn label_values_query(query: &str) -> Option<(Option<&str>, &str)> {
+    let args = query
+        .trim()
+        .strip_prefix("label_values(")?
+        .strip_suffix(')')?;
+    match args.rsplit_once(',') {
+        Some((metric, label)) => Some((Some(metric.trim()), label.trim())),
+        None => Some((None, args.trim())),
+    }
+}
+
+/// One round of mixed traffic: hits, a miss, a "not found" (a miss, then a hit), a batch,
+/// a listing, a write, an eviction, a bad request, an unknown route and the probes.
+async fn traffic_round(app: &TestApp, round: usize, hot: i64, cold: &[i64]) {
+    let cold = cold[round % cold.len()];
+    let absent = ABSENT_ID_BASE + round as i64;
+    for _ in 0..3 {
+        app.get_item(hot).await;
+    }
+    app.get_item(cold).await;
+    app.get_item(absent).await;
+    app.get_item(absent).await;
+    app.get(&format!("/items?ids={hot},{cold},{absent}")).await;
+    app.get("/items?limit=5").await;
+    app.patch_item(cold, &serde_json::json!({"price_cents": round}))
+        .await;
+    app.evict(hot).await;
+    app.get("/items/not-a-number").await;
+    app.get("/no/such/route").await;
+    app.get("/healthz").await;
+    app.get("/readyz").await;
+}
+
+/// The fewest samples any series of the service's counters and histograms has in the last
+/// minute (`None` before the first scrape). Family by family: `count_over_time` drops the
+/// metric name, and `_sum` and `_count` of one histogram would collide.
+async fn least_scraped(prometheus: &Prometheus) -> Option<f64> {
+    let mut least: Option<f64> = None;
+    for family in [
+        "itemcache_http_requests_total",
+        "itemcache_http_request_duration_seconds_count",
+        "itemcache_cache_lookups_total",
+        "itemcache_cache_operation_duration_seconds_count",
+        "itemcache_db_query_duration_seconds_count",
+    ] {
+        let n = prometheus
+            .scalar(&format!("min(count_over_time({family}[1m]))"))
+            .await?;
+        least = Some(least.map_or(n, |l| l.min(n)));
+    }
+    least
+}
+
+#[tokio::test]
+async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    let _serial = serial().await;
+    let started = Instant::now();
+    let app = spawn_app().await;
+    let ids = app.insert_items(50).await;
+    let (hot, cold) = (ids[0], &ids[1..]);
+    let prometheus = Prometheus::start(
+        &format!("127.0.0.1:{}", app.port),
+        std::path::Path::new(ALERT_RULES),
+    )
+    .await;
+
+    // Traffic until every itemcache series has been scraped 3 times: then every rate over
+    // $__rate_interval has its samples.
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut round = 0;
+    loop {
+        traffic_round(&app, round, hot, cold).await;
+        round += 1;
+        let scraped = least_scraped(&prometheus).await;
+        if scraped.is_some_and(|n| n >= 3.0) {
+            break;
+        }
+        // Pacing, not waiting: ~10 rounds a second is traffic enough for every rate.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if Instant::now() > until {
+            let targets = prometheus.api("targets", &[]).await;
+            panic!(
+                "prometheus did not scrape the app 3 times in 30 s (last: {scraped:?})\n\
+                 targets: {targets}\nits log:\n{}",
+                prometheus.log()
+            );
+        }
+    }
+
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("read the dashboard JSON"))
+            .expect("the dashboard is JSON");
+    let targets = targets(&dashboard);
+    assert!(!targets.is_empty(), "the dashboard has no panel queries");
+    let mut failures = Vec::new();
+    for target in &targets {
+        let expr = match substitute(&target.expr) {
+            Ok(expr) => expr,
+            Err(e) => {
+                failures.push(format!("{}: {e}", target.panel));
+                continue;
+            }
+        };
+        match prometheus.query(&expr).await {
+            Err(e) => failures.push(format!("{}: {e}\n    {expr}", target.panel)),
+            Ok(result) if result.is_empty() => {
+                failures.push(format!("{}: no data\n    {expr}", target.panel));
+            }
+            Ok(result) => {
+                // A panel whose every value is NaN (0/0, a quantile of no observations)
+                // draws nothing, however non-empty its result.
+                let numbers = result
+                    .iter()
+                    .filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+                    .filter(|v| !v.is_nan())
+                    .count();
+                if numbers == 0 {
+                    failures.push(format!(
+                        "{}: only NaN: {}\n    {expr}",
+                        target.panel,
+                        Value::from(result)
+                    ));
+                }
+            }
+        }
+    }
+
+    // The `instance` variable: `label_values(metric, label)` lists the label's values on
+    // the metric's series; this instance must be among them.
+    let instance = format!("127.0.0.1:{}", app.port);
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let name = var["name"].as_str().unwrap_or("?");
+        let query = match &var["query"] {
+            Value::String(q) => q.as_str(),
+            q => q["query"].as_str().unwrap_or(""),
+        };
+        if var["type"] != "query" {
+            continue;
+        }
+        let Some((Some(metric), label)) = label_values_query(query) else {
+            failures.push(format!(
+                "variable {name}: not a label_values(metric, label) query: {query:?}"
+            ));
+            continue;
+        };
+        let series = prometheus.api("series", &[("match[]", metric)]).await;
+        let values: Vec<&str> = series["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s[label].as_str())
+            .collect();
+        if series["status"] != "success" || values.is_empty() {
+            failures.push(format!("variable {name}: {query} lists nothing: {series}"));
+        } else if name == "instance" && !values.contains(&instance.as_str()) {
+            failures.push(format!(
+                "variable {name}: {query} lists {values:?}, not {instance}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} dashboard queries fail against Prometheus:\n{}",
+        failures.len(),
+        targets.len(),
+        failures.join("\n")
+    );
+
+    // The alert rules, evaluated every second over the same data: none may error.
+    let rules = eventually(
+        "every alert rule to be evaluated",
+        Duration::from_secs(10),
+        || async {
+            let body = prometheus.api("rules", &[]).await;
+            let rules: Vec<Value> = body["data"]["groups"]
+                .as_array()?
+                .iter()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .collect();
+            let evaluated = !rules.is_empty()
+                && rules.iter().all(|r| {
+                    r["lastEvaluation"]
+                        .as_str()
+                        .is_some_and(|t| !t.starts_with("0001-"))
+                });
+            evaluated.then_some(rules)
+        },
+    )
+    .await;
+    let broken: Vec<String> = rules
+        .iter()
+        .filter(|r| r["health"] != "ok")
+        .map(|r| format!("{}: {} {}", r["name"], r["health"], r["lastError"]))
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "alert rules that fail to evaluate:\n{}",
+        broken.join("\n")
+    );
+    eprintln!(
+        "dashboard: {} queries ok after {round} traffic rounds, {:.1} s",
+        targets.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn grafana_variables_are_substituted_and_backreferences_kept() {
+    assert_eq!(
+        substitute(r#"rate(x{instance=~"$instance"}[$__rate_interval])"#).unwrap(),
+        r#"rate(x{instance=~".*"}[10s])"#
+    );
+    assert_eq!(
+        substitute(r#"label_replace(x{i=~"${instance:regex}"}, "c", "${1}xx$1", "s", "(.)")"#)
+            .unwrap(),
+        r#"label_replace(x{i=~".*"}, "c", "${1}xx$1", "s", "(.)")"#
+    );
+    assert!(substitute("x[$__nonsense]").is_err());
+}
