@@ -119,7 +119,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let upkeep = tokio::spawn(upkeep(self.state.clone(), stop_rx));
+        let upkeep = tokio::spawn(upkeep(self.state.clone(), stop_rx.clone()));
+        let invalidations = tokio::spawn(retry_invalidations(self.state.clone(), stop_rx));
         let handle = self.server.handle();
         tokio::spawn(async move {
             shutdown.await;
@@ -129,6 +130,7 @@ impl Application {
         let served = self.server.await;
         let _ = stop_tx.send(true);
         let _ = upkeep.await;
+        let _ = invalidations.await;
         self.state.service.repo().pool().close();
         served
     }
@@ -142,6 +144,11 @@ fn server(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<
             .configure(http::routes)
             .default_service(web::to(http::errors::route_not_found))
     })
+    // Slow or idle clients must not hold connections: a request head must arrive within
+    // 5 s (408 otherwise), a closing client gets 1 s, an idle keep-alive connection 30 s.
+    .client_request_timeout(Duration::from_secs(5))
+    .client_disconnect_timeout(Duration::from_secs(1))
+    .keep_alive(Duration::from_secs(30))
     .listen(listener)?
     // Signals are the binary's business (main.rs turns them into the shutdown future);
     // tests stop servers without them.
@@ -154,12 +161,36 @@ fn server(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<
 async fn upkeep(state: web::Data<AppState>, mut stop: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(UPKEEP_EVERY);
     loop {
-        tokio::select! {
-            _ = every.tick() => {
-                state.metrics.run_upkeep();
-                state.sample_pools();
-            }
-            _ = stop.wait_for(|stopped| *stopped) => return,
+        if stopped(&mut every, &mut stop).await {
+            return;
         }
+        state.metrics.run_upkeep();
+        state.sample_pools();
+    }
+}
+
+/// Retries failed cache invalidations until the server stops (see `cache::invalidation`).
+async fn retry_invalidations(state: web::Data<AppState>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(crate::cache::invalidation::RETRY_EVERY);
+    loop {
+        if stopped(&mut every, &mut stop).await {
+            let left = state.service.pending_invalidations();
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "stopping with cache invalidations not applied; entries expire with their TTL"
+                );
+            }
+            return;
+        }
+        state.service.retry_invalidations().await;
+    }
+}
+
+/// Waits for the next tick; true if the server stopped first.
+async fn stopped(every: &mut tokio::time::Interval, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = every.tick() => *stop.borrow(),
+        _ = stop.changed() => true,
     }
 }

@@ -21,6 +21,9 @@ pub type PgPool = Pool<AsyncPgConnection>;
 /// it gives up: an exhausted or unreachable Postgres must answer 503, never hang.
 pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const POOL_CREATE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest a statement may run: a lock or a runaway query must not hold a connection
+/// (and a client) forever. Set on every connection; far above any query of ours.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbSetupError {
@@ -39,6 +42,7 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbSetupError> {
     // every miss. A dead connection fails its first real query instead, which the repo
     // classifies as "unavailable", and the pool drops it.
     config.recycling_method = RecyclingMethod::Fast;
+    config.custom_setup = Box::new(|url| Box::pin(connect(url.to_owned())));
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     Pool::builder(manager)
@@ -49,6 +53,20 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbSetupError> {
         .runtime(deadpool::Runtime::Tokio1)
         .build()
         .map_err(|e| DbSetupError::Pool(e.to_string()))
+}
+
+/// A new pooled connection, with the statement timeout set.
+async fn connect(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut conn = AsyncPgConnection::establish(&url).await?;
+    diesel::sql_query(format!(
+        "SET statement_timeout = {}",
+        STATEMENT_TIMEOUT.as_millis()
+    ))
+    .execute(&mut conn)
+    .await
+    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    Ok(conn)
 }
 
 /// Applies pending migrations; returns how many ran.

@@ -2,15 +2,20 @@
 //! `REDIS_TIMEOUT_MS` deadline, each timed and its failures counted. It knows entries and
 //! keys; *when* to use them is `items::service`'s decision.
 
+pub mod breaker;
+pub mod invalidation;
 pub mod redis;
 pub mod singleflight;
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::redis::{Script, Value};
 use bytes::Bytes;
 use rand::Rng;
 
+use crate::cache::breaker::{Breaker, Permit};
 use crate::items::model::ItemId;
 use crate::metrics::{self, CacheOp};
 pub use redis::{Cached, Connections, Entry, Keys};
@@ -27,6 +32,8 @@ pub enum CacheError {
     Timeout(Duration),
     #[error("no redis connection")]
     NoConnection,
+    #[error("redis is failing: circuit open")]
+    CircuitOpen,
     #[error("redis error: {0}")]
     Redis(String),
 }
@@ -52,6 +59,7 @@ pub struct Cache {
     timeout: Duration,
     fill_script: Script,
     invalidate_script: Script,
+    breaker: Arc<Breaker>,
 }
 
 impl Cache {
@@ -62,6 +70,7 @@ impl Cache {
             timeout,
             fill_script: Script::new(redis::FILL_SCRIPT),
             invalidate_script: Script::new(redis::INVALIDATE_SCRIPT),
+            breaker: Arc::new(Breaker::default()),
         }
     }
 
@@ -158,19 +167,16 @@ impl Cache {
         self.run(CacheOp::Get, &cmd).await.map(drop)
     }
 
+    /// Whether the circuit breaker has stopped sending calls to Redis.
+    pub fn is_circuit_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
     async fn run(&self, op: CacheOp, cmd: &::redis::Cmd) -> Result<Value, CacheError> {
-        let started = Instant::now();
-        let result = match self.conns.lend() {
-            None => Err(CacheError::NoConnection),
-            Some(mut lent) => {
-                let outcome =
-                    tokio::time::timeout(self.timeout, cmd.query_async::<Value>(&mut lent.conn))
-                        .await;
-                self.settle(&lent, outcome)
-            }
-        };
-        self.account(op, started, &result);
-        result
+        self.call(op, |mut conn| async move {
+            cmd.query_async::<Value>(&mut conn).await
+        })
+        .await
     }
 
     async fn invoke<T: ::redis::FromRedisValue>(
@@ -178,42 +184,48 @@ impl Cache {
         op: CacheOp,
         invocation: &::redis::ScriptInvocation<'_>,
     ) -> Result<T, CacheError> {
+        self.call(op, |mut conn| async move {
+            invocation.invoke_async::<T>(&mut conn).await
+        })
+        .await
+    }
+
+    /// One Redis call: through the breaker, on a lent connection, under the deadline;
+    /// timed and counted. A connection that failed or hung is replaced, since a frozen
+    /// peer would otherwise hang every command sent on it.
+    async fn call<T, F, Fut>(&self, op: CacheOp, send: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(::redis::aio::MultiplexedConnection) -> Fut,
+        Fut: Future<Output = ::redis::RedisResult<T>>,
+    {
+        let permit = self.breaker.permit();
+        if permit == Permit::Refused {
+            metrics::record_cache_error(op);
+            return Err(CacheError::CircuitOpen);
+        }
         let started = Instant::now();
         let result = match self.conns.lend() {
             None => Err(CacheError::NoConnection),
-            Some(mut lent) => {
-                let outcome = tokio::time::timeout(
-                    self.timeout,
-                    invocation.invoke_async::<T>(&mut lent.conn),
-                )
-                .await;
-                self.settle(&lent, outcome)
-            }
+            Some((conn, lent)) => match tokio::time::timeout(self.timeout, send(conn)).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) => {
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                        self.conns.discard(&lent);
+                    }
+                    Err(CacheError::Redis(e.to_string()))
+                }
+                Err(_) => {
+                    self.conns.discard(&lent);
+                    Err(CacheError::Timeout(self.timeout))
+                }
+            },
         };
+        match &result {
+            Ok(_) => self.breaker.succeeded(permit),
+            Err(_) => self.breaker.failed(permit),
+        }
         self.account(op, started, &result);
         result
-    }
-
-    /// Turns a deadline-bounded Redis result into ours; a connection that failed or hung
-    /// is replaced, since a frozen peer would otherwise hang every command sent on it.
-    fn settle<T>(
-        &self,
-        lent: &redis::Lent<'_>,
-        outcome: Result<::redis::RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Result<T, CacheError> {
-        match outcome {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-                    self.conns.discard(lent);
-                }
-                Err(CacheError::Redis(e.to_string()))
-            }
-            Err(_) => {
-                self.conns.discard(lent);
-                Err(CacheError::Timeout(self.timeout))
-            }
-        }
     }
 
     fn account<T>(&self, op: CacheOp, started: Instant, result: &Result<T, CacheError>) {

@@ -191,9 +191,9 @@ struct Inner {
     connect_timeout: Duration,
 }
 
-/// A connection lent for one command; counts as in flight until dropped.
+/// The receipt for a connection lent for one command; the command counts as in flight
+/// until it is dropped.
 pub struct Lent<'a> {
-    pub conn: MultiplexedConnection,
     slot: &'a Slot,
     index: usize,
     generation: u64,
@@ -265,7 +265,7 @@ impl Connections {
 
     /// A clone of the next connected slot's connection, or `None` when that slot is being
     /// replaced (the caller goes on without the cache rather than wait for a connect).
-    pub fn lend(&self) -> Option<Lent<'_>> {
+    pub fn lend(&self) -> Option<(MultiplexedConnection, Lent<'_>)> {
         let index = NEXT.with(|n| {
             let i = n.get();
             n.set(i.wrapping_add(1));
@@ -276,12 +276,14 @@ impl Connections {
         match current {
             Some((generation, conn)) => {
                 slot.in_flight.fetch_add(1, Ordering::Relaxed);
-                Some(Lent {
+                Some((
                     conn,
-                    slot,
-                    index,
-                    generation,
-                })
+                    Lent {
+                        slot,
+                        index,
+                        generation,
+                    },
+                ))
             }
             None => {
                 self.spawn_reconnect(index);

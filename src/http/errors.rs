@@ -50,6 +50,9 @@ pub enum ApiError {
     /// 422 `validation_failed`: the body parsed, but its fields are wrong.
     #[error("the item is not valid")]
     Validation(Vec<FieldError>),
+    /// 503 `overloaded`, with `Retry-After`: shed because too much Postgres work waits.
+    #[error("the service is overloaded; retry shortly")]
+    Overloaded,
     /// 503 `database_unavailable`, with `Retry-After`.
     #[error("the database is unavailable; retry shortly")]
     DatabaseUnavailable,
@@ -74,11 +77,12 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Validation(_) => "validation_failed",
             ApiError::DatabaseUnavailable => "database_unavailable",
+            ApiError::Overloaded => "overloaded",
             ApiError::Internal => "internal_error",
         }
     }
 
-    fn title(&self) -> &'static str {
+    pub fn title(&self) -> &'static str {
         match self {
             ApiError::InvalidId => "Invalid item id",
             ApiError::InvalidIds(_) => "Invalid ids",
@@ -93,6 +97,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::Validation(_) => "Validation failed",
             ApiError::DatabaseUnavailable => "Database unavailable",
+            ApiError::Overloaded => "Overloaded",
             ApiError::Internal => "Internal error",
         }
     }
@@ -104,9 +109,10 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound => ApiError::ItemNotFound,
             ServiceError::VersionConflict => ApiError::VersionConflict,
             ServiceError::DatabaseUnavailable(cause) => {
-                tracing::warn!(error = %cause, "answering 503: postgres unavailable");
+                tracing::debug!(error = %cause, "answering 503: postgres unavailable");
                 ApiError::DatabaseUnavailable
             }
+            ServiceError::Overloaded => ApiError::Overloaded,
             ServiceError::Database(cause) => {
                 tracing::error!(error = %cause, "database error");
                 ApiError::Internal
@@ -144,7 +150,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DatabaseUnavailable | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -165,7 +171,7 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(status);
         response.insert_header((header::CONTENT_TYPE, PROBLEM_JSON));
         match self {
-            ApiError::DatabaseUnavailable => {
+            ApiError::DatabaseUnavailable | ApiError::Overloaded => {
                 response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS));
             }
             ApiError::Unauthorized => {

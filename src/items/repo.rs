@@ -1,11 +1,15 @@
 //! Postgres queries on `items`: one function per `query` label of
 //! `itemcache_db_query_duration_seconds`, each timed. Knows SQL, not the cache or HTTP.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::RunQueryDsl;
+use diesel_async::pooled_connection::deadpool::Object;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::db::PgPool;
 use crate::items::model::{Item, ItemId, ItemPatch, NewItem};
@@ -18,6 +22,10 @@ pub enum RepoError {
     /// No connection could be had in time, or it broke: Postgres is down or overloaded.
     #[error("postgres unavailable: {0}")]
     Unavailable(String),
+    /// Too many Postgres operations are waiting already: shed this one now rather than
+    /// queue it until its client gives up.
+    #[error("too many postgres operations in flight")]
+    Overloaded,
     /// Postgres answered with an error: a bug or a broken schema, not an outage.
     #[error("query failed: {0}")]
     Query(String),
@@ -50,15 +58,51 @@ pub enum WriteOutcome<T> {
     VersionConflict,
 }
 
+/// How many Postgres operations may be in flight (running or waiting for a connection)
+/// per pooled connection. Beyond that the service sheds at once: a queue longer than a few
+/// rounds of the pool only makes every waiter late.
+pub const IN_FLIGHT_PER_CONNECTION: usize = 8;
+
 /// The `items` table.
 #[derive(Clone)]
 pub struct ItemRepo {
     pool: PgPool,
+    gate: Arc<Semaphore>,
+    /// Whether the last connection attempt failed: outages are logged when they start
+    /// and end, not once per request.
+    down: Arc<AtomicBool>,
 }
 
 impl ItemRepo {
     pub fn new(pool: PgPool) -> ItemRepo {
-        ItemRepo { pool }
+        let size = pool.status().max_size;
+        ItemRepo {
+            pool,
+            gate: Arc::new(Semaphore::new(size * IN_FLIGHT_PER_CONNECTION)),
+            down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A connection, and the permit that counts this operation as in flight. Refuses at
+    /// once when too many wait already; waits for the pool at most its wait timeout.
+    async fn checkout(
+        &self,
+    ) -> Result<(Object<diesel_async::AsyncPgConnection>, SemaphorePermit<'_>), RepoError> {
+        let permit = self.gate.try_acquire().map_err(|_| RepoError::Overloaded)?;
+        match self.pool.get().await {
+            Ok(conn) => {
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!("postgres answers again");
+                }
+                Ok((conn, permit))
+            }
+            Err(e) => {
+                if !self.down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "postgres unavailable: answering from the cache where possible, 503 otherwise");
+                }
+                Err(e.into())
+            }
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -68,7 +112,7 @@ impl ItemRepo {
     #[tracing::instrument(skip_all, fields(item.id = %id))]
     pub async fn get_item(&self, id: ItemId) -> Result<Option<Item>, RepoError> {
         let started = Instant::now();
-        let mut conn = self.pool.get().await?;
+        let (mut conn, _in_flight) = self.checkout().await?;
         let item = items::table
             .find(id.get())
             .select(Item::as_select())
@@ -84,7 +128,7 @@ impl ItemRepo {
     pub async fn get_items(&self, ids: &[ItemId]) -> Result<Vec<Item>, RepoError> {
         let started = Instant::now();
         let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
-        let mut conn = self.pool.get().await?;
+        let (mut conn, _in_flight) = self.checkout().await?;
         let rows = items::table
             .filter(items::id.eq_any(raw))
             .select(Item::as_select())
@@ -98,7 +142,7 @@ impl ItemRepo {
     #[tracing::instrument(skip_all)]
     pub async fn list_items(&self, after: i64, limit: i64) -> Result<Vec<Item>, RepoError> {
         let started = Instant::now();
-        let mut conn = self.pool.get().await?;
+        let (mut conn, _in_flight) = self.checkout().await?;
         let rows = items::table
             .filter(items::id.gt(after))
             .order(items::id.asc())
@@ -113,7 +157,7 @@ impl ItemRepo {
     #[tracing::instrument(skip_all)]
     pub async fn insert_item(&self, new: &NewItem) -> Result<Item, RepoError> {
         let started = Instant::now();
-        let mut conn = self.pool.get().await?;
+        let (mut conn, _in_flight) = self.checkout().await?;
         let item = diesel::insert_into(items::table)
             .values(new)
             .returning(Item::as_returning())
@@ -134,7 +178,7 @@ impl ItemRepo {
         expected: Option<&[i64]>,
     ) -> Result<WriteOutcome<Item>, RepoError> {
         let started = Instant::now();
-        let mut conn = self.pool.get().await?;
+        let (mut conn, _in_flight) = self.checkout().await?;
         let target = items::table.filter(items::id.eq(id.get()));
         let updated = match expected {
             Some(versions) => {
@@ -168,7 +212,7 @@ impl ItemRepo {
         expected: Option<&[i64]>,
     ) -> Result<WriteOutcome<()>, RepoError> {
         let started = Instant::now();
-        let mut conn = self.pool.get().await?;
+        let (mut conn, _in_flight) = self.checkout().await?;
         let target = items::table.filter(items::id.eq(id.get()));
         let deleted = match expected {
             Some(versions) => {
@@ -203,7 +247,7 @@ impl ItemRepo {
 
     /// `SELECT 1`, for `/readyz`.
     pub async fn ping(&self) -> Result<(), RepoError> {
-        let mut conn = self.pool.get().await?;
+        let (mut conn, _in_flight) = self.checkout().await?;
         diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("1"))
             .get_result::<i32>(&mut conn)
             .await?;

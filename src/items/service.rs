@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+use crate::cache::invalidation::Pending;
 use crate::cache::singleflight::Flights;
 use crate::cache::{Cache, Cached, Entry, Fill, Stamp};
 use crate::config::{CacheMode, Settings};
@@ -31,6 +32,8 @@ pub enum ServiceError {
     VersionConflict,
     #[error("postgres is unavailable: {0}")]
     DatabaseUnavailable(String),
+    #[error("too many postgres operations in flight")]
+    Overloaded,
     #[error("database error: {0}")]
     Database(String),
 }
@@ -39,6 +42,7 @@ impl From<RepoError> for ServiceError {
     fn from(e: RepoError) -> Self {
         match e {
             RepoError::Unavailable(cause) => ServiceError::DatabaseUnavailable(cause),
+            RepoError::Overloaded => ServiceError::Overloaded,
             RepoError::Query(cause) => ServiceError::Database(cause),
         }
     }
@@ -106,6 +110,9 @@ struct Inner {
     /// Loads in flight, tagged with the write stamp their leader noted (`None` for loads
     /// that do not fill: cache disabled or failing).
     flights: Flights<ItemId, Option<Stamp>, Loaded>,
+    /// Ids whose invalidation has not reached Redis yet: their cache entries are not
+    /// trusted on this instance.
+    pending: Pending,
 }
 
 impl ItemService {
@@ -122,6 +129,7 @@ impl ItemService {
                     stale: settings.cache_stale,
                 },
                 flights: Flights::default(),
+                pending: Pending::default(),
             }),
         }
     }
@@ -138,7 +146,8 @@ impl ItemService {
     #[tracing::instrument(skip_all, fields(item.id = %id))]
     pub async fn get(&self, id: ItemId) -> Result<Lookup<Option<ItemJson>>, ServiceError> {
         let inner = &self.inner;
-        if inner.mode == CacheMode::Disabled {
+        // Cache off, or a write of this id not yet invalidated in Redis: do not trust it.
+        if inner.mode == CacheMode::Disabled || inner.pending.contains(id) {
             return self
                 .load_one(id, None, CacheStatus::Bypass, Duration::ZERO)
                 .await;
@@ -195,8 +204,8 @@ impl ItemService {
         let result = loaded.remove(&id).unwrap_or(Err(ServiceError::NotFound));
         let (value, status) = match (result, stale) {
             (Ok(value), _) => (value, status),
-            // Postgres is down: an entry within CACHE_STALE_SECS beats a 503.
-            (Err(ServiceError::DatabaseUnavailable(_)), Some(entry)) => {
+            // Postgres is down or shedding: an entry within CACHE_STALE_SECS beats a 503.
+            (Err(ServiceError::DatabaseUnavailable(_) | ServiceError::Overloaded), Some(entry)) => {
                 (item_of(entry), CacheStatus::Stale)
             }
             (Err(e), _) => return Err(e),
@@ -219,6 +228,7 @@ impl ItemService {
         let inner = &self.inner;
         let started = Instant::now();
         let cached = match inner.mode {
+            _ if inner.pending.any_of(ids) => None,
             CacheMode::Disabled => None,
             CacheMode::Enabled => inner.cache.mget(ids).await.ok(),
         };
@@ -287,7 +297,10 @@ impl ItemService {
                         misses += 1;
                         value
                     }
-                    (Err(ServiceError::DatabaseUnavailable(_)), Some(entry)) => {
+                    (
+                        Err(ServiceError::DatabaseUnavailable(_) | ServiceError::Overloaded),
+                        Some(entry),
+                    ) => {
                         stales += 1;
                         item_of(entry)
                     }
@@ -354,7 +367,7 @@ impl ItemService {
             Ok(rows) => rows,
             Err(e) => {
                 let error = ServiceError::from(e);
-                tracing::warn!(error = %error, "postgres read failed");
+                tracing::debug!(error = %error, "postgres read failed");
                 return ids.into_iter().map(|id| (id, Err(error.clone()))).collect();
             }
         };
@@ -450,8 +463,19 @@ impl ItemService {
     async fn invalidate(&self, id: ItemId) {
         self.inner.flights.forget(&id);
         if let Err(e) = self.inner.cache.invalidate(id).await {
-            tracing::warn!(item.id = %id, error = %e, "cache invalidation failed");
+            tracing::debug!(item.id = %id, error = %e, "cache invalidation failed; queued for retry");
+            self.inner.pending.add(id);
         }
+    }
+
+    /// Retries the invalidations that failed; called periodically by the application.
+    pub async fn retry_invalidations(&self) -> usize {
+        self.inner.pending.retry(&self.inner.cache).await
+    }
+
+    /// How many invalidations wait for Redis.
+    pub fn pending_invalidations(&self) -> usize {
+        self.inner.pending.len()
     }
 }
 

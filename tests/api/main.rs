@@ -1,6 +1,13 @@
 //! The API over real HTTP against real Postgres and Redis (started by `support`).
 //! One binary, one module per area.
 
+// Tests and their helpers may panic: a failed expectation is the test's answer.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// The harness also serves tests/observability; each binary uses part of it.
+#[allow(dead_code)]
 mod support;
 
 mod cache_behaviour;
+mod cache_races;
+mod resilience;

@@ -1,6 +1,7 @@
 //! The test harness: private Postgres and Redis for the whole test process, a database
 //! and key prefix per test, and the real application on a free port, driven over HTTP.
 
+pub mod proxy;
 pub mod servers;
 
 use std::collections::HashMap;

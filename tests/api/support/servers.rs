@@ -155,10 +155,11 @@ impl PgServer {
 
     /// Starts the (stopped) server on its port.
     pub fn start_again(&self) {
-        // fsync and friends off: test data need not survive a machine crash.
+        // fsync off: test data need not survive a machine crash. synchronous_commit stays on:
+        // `stop -m immediate` is a crash of Postgres, and acknowledged rows must survive it.
         let options = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {} -c shared_preload_libraries=pg_stat_statements \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+             -c fsync=off -c full_page_writes=off -c max_connections=400",
             self.port,
             self.dir.display()
         );

@@ -1,0 +1,371 @@
+//! Contract behaviours 5 and 6 under real faults: Redis frozen (SIGSTOP), killed and
+//! restarted, slow (a delaying proxy); Postgres stopped and restarted; a burst beyond
+//! capacity. Tests that stop a server get servers of their own.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use diesel_async::RunQueryDsl;
+use serde_json::{Value, json};
+
+use crate::support::proxy::SlowProxy;
+use crate::support::{Backends, Spawn, TestApp, eventually, header};
+
+const DEADLINE_MS: u64 = 100;
+/// Slack for a loaded 2-core machine on top of a deadline.
+const MARGIN: Duration = Duration::from_millis(900);
+
+async fn json_of(response: reqwest::Response) -> Value {
+    response.json().await.unwrap()
+}
+
+/// Milliseconds the service says it spent in the cache (`Server-Timing: cache;dur=`).
+fn cache_ms(response: &reqwest::Response) -> f64 {
+    header(response, "server-timing")
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix("cache;dur="))
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+async fn app_with_own_servers() -> TestApp {
+    Spawn::default()
+        .var("RUST_LOG", std::env::var("TEST_LOG").unwrap_or("warn".into()))
+        .backends(Backends::dedicated().await)
+        .var("REDIS_TIMEOUT_MS", DEADLINE_MS)
+        .start()
+        .await
+}
+
+async fn cache_it(app: &TestApp, id: i64) {
+    assert_eq!(header(&app.get_item(id).await, "x-cache"), "MISS");
+    assert_eq!(header(&app.get_item(id).await, "x-cache"), "HIT");
+}
+
+#[tokio::test]
+async fn a_frozen_redis_costs_a_read_at_most_the_deadline_and_then_nothing() {
+    let app = app_with_own_servers().await;
+    let id = app.insert_items(1).await[0];
+    cache_it(&app, id).await;
+
+    app.backends.redis.freeze();
+    let mut cache_times = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let read = app.get_item(id).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(DEADLINE_MS) + MARGIN,
+            "read took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(read.status(), 200);
+        assert_eq!(header(&read, "x-cache"), "BYPASS");
+        cache_times.push(cache_ms(&read));
+    }
+    // Once the breaker is open, reads no longer wait for Redis at all.
+    assert!(
+        cache_times[10..]
+            .iter()
+            .all(|&ms| ms < DEADLINE_MS as f64 / 2.0),
+        "cache time per read: {cache_times:?}"
+    );
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        json_of(ready).await,
+        json!({"status": "degraded", "postgres": "ok", "redis": "down"})
+    );
+    assert_eq!(
+        app.patch_item(id, &json!({"price_cents": 7}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.post_item(&json!({"name": "during the outage"}))
+            .await
+            .status(),
+        201
+    );
+
+    app.backends.redis.thaw();
+    let thawed = Instant::now();
+    eventually(
+        "reads to hit the cache again",
+        Duration::from_secs(10),
+        || async {
+            let read = app.get_item(id).await;
+            assert_eq!(read.status(), 200);
+            let hit = header(&read, "x-cache") == "HIT";
+            let body = json_of(read).await;
+            assert_eq!(
+                body["price_cents"], 7,
+                "never the version from before the write"
+            );
+            hit.then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "redis frozen -> thawed: HIT again after {:?}",
+        thawed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_invalidation_is_retried_and_the_old_version_is_never_served() {
+    let app = app_with_own_servers().await;
+    let id = app.insert_items(1).await[0];
+    cache_it(&app, id).await;
+
+    app.backends.redis.freeze();
+    let patched = app
+        .patch_item(id, &json!({"name": "changed while redis slept"}))
+        .await;
+    assert_eq!(
+        patched.status(),
+        200,
+        "the write is acknowledged: Postgres is the truth"
+    );
+    for _ in 0..3 {
+        assert_eq!(json_of(app.get_item(id).await).await["version"], 2);
+    }
+    app.backends.redis.thaw();
+    // Every read from now on returns version 2; the cache is used again once the
+    // invalidation has landed.
+    eventually(
+        "the cache to serve the new version",
+        Duration::from_secs(10),
+        || async {
+            let read = app.get_item(id).await;
+            let cache = header(&read, "x-cache");
+            assert_eq!(json_of(read).await["version"], 2, "X-Cache: {cache}");
+            (cache == "HIT").then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_redis_restarted_on_its_port_is_used_again_without_a_restart() {
+    let app = app_with_own_servers().await;
+    let id = app.insert_items(1).await[0];
+    cache_it(&app, id).await;
+
+    app.backends.redis.kill();
+    for _ in 0..5 {
+        let read = app.get_item(id).await;
+        assert_eq!(read.status(), 200);
+        assert_eq!(header(&read, "x-cache"), "BYPASS");
+    }
+    app.backends.redis.restart();
+    let restarted = Instant::now();
+    eventually("caching to resume", Duration::from_secs(10), || async {
+        (header(&app.get_item(id).await, "x-cache") == "HIT").then_some(())
+    })
+    .await;
+    eprintln!(
+        "redis killed -> restarted: HIT again after {:?}",
+        restarted.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_slow_redis_is_cut_off_at_the_deadline() {
+    let backends = Backends::shared().await;
+    let proxy = SlowProxy::start(backends.redis.port).await;
+    let app = Spawn::default()
+        .var("REDIS_URL", proxy.url())
+        .var("REDIS_TIMEOUT_MS", DEADLINE_MS)
+        .start()
+        .await;
+    let id = app.insert_items(1).await[0];
+    cache_it(&app, id).await;
+
+    proxy.set_delay(Duration::from_millis(DEADLINE_MS * 4));
+    for _ in 0..3 {
+        let started = Instant::now();
+        let read = app.get_item(id).await;
+        assert_eq!(read.status(), 200);
+        assert_eq!(header(&read, "x-cache"), "BYPASS");
+        assert!(
+            started.elapsed() < Duration::from_millis(DEADLINE_MS) + MARGIN,
+            "read took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            cache_ms(&read) < (DEADLINE_MS * 2) as f64,
+            "waited {} ms for Redis",
+            cache_ms(&read)
+        );
+    }
+    proxy.set_delay(Duration::ZERO);
+    eventually("caching to resume", Duration::from_secs(10), || async {
+        (header(&app.get_item(id).await, "x-cache") == "HIT").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_down_serves_what_is_cached_and_503_for_the_rest() {
+    let app = Spawn::default()
+        .backends(Backends::dedicated().await)
+        .var("CACHE_TTL_SECS", 1)
+        .var("CACHE_TTL_JITTER", 0)
+        .start()
+        .await;
+    let ids = app.insert_items(2).await;
+    let (cached, uncached) = (ids[0], ids[1]);
+    cache_it(&app, cached).await;
+
+    app.backends.pg.stop();
+    let first = app.get_item(cached).await;
+    assert_eq!(first.status(), 200);
+    assert!(["HIT", "STALE"].contains(&header(&first, "x-cache").as_str()));
+    eventually(
+        "the entry to be served stale",
+        Duration::from_secs(5),
+        || async {
+            let read = app.get_item(cached).await;
+            assert_eq!(read.status(), 200);
+            (header(&read, "x-cache") == "STALE").then_some(())
+        },
+    )
+    .await;
+
+    let missing = app.get_item(uncached).await;
+    assert_eq!(missing.status(), 503);
+    assert!(!header(&missing, "retry-after").is_empty());
+    assert_eq!(json_of(missing).await["code"], "database_unavailable");
+    for write in [
+        app.patch_item(cached, &json!({"price_cents": 1})).await,
+        app.post_item(&json!({"name": "nope"})).await,
+        app.delete_item(cached).await,
+    ] {
+        assert_eq!(write.status(), 503);
+        assert!(!header(&write, "retry-after").is_empty());
+    }
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        json_of(ready).await,
+        json!({"status": "unavailable", "postgres": "down", "redis": "ok"})
+    );
+
+    app.backends.pg.start_again();
+    let restarted = Instant::now();
+    eventually(
+        "reads from postgres to work again",
+        Duration::from_secs(15),
+        || async {
+            let read = app.get_item(uncached).await;
+            let status = read.status();
+            eprintln!("after restart: {status} {}", read.text().await.unwrap_or_default());
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "postgres stopped -> started: served again after {:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    assert_eq!(
+        app.patch_item(cached, &json!({"price_cents": 1}))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_capacity_is_shed_fast_while_hits_are_served() {
+    const BURST: usize = 200;
+    let app = Arc::new(Spawn::default().var("DB_POOL_SIZE", 2).start().await);
+    let ids = app.insert_items(BURST as i64 + 1).await;
+    let hot = ids[0];
+    cache_it(&app, hot).await;
+
+    // Hold every Postgres read: a transaction that locks the table.
+    let mut lock = app.backends.connect(&app.database).await;
+    diesel::sql_query("BEGIN").execute(&mut lock).await.unwrap();
+    diesel::sql_query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let burst: Vec<_> = ids[1..]
+        .iter()
+        .map(|&id| {
+            let (app, done) = (app.clone(), done.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let response = app.get_item(id).await;
+                let took = started.elapsed();
+                let status = response.status().as_u16();
+                let code = if status == 503 {
+                    json_of(response).await["code"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned()
+                } else {
+                    String::new()
+                };
+                done.fetch_add(1, Ordering::SeqCst);
+                (status, code, took)
+            })
+        })
+        .collect();
+    eventually("the excess to be shed", Duration::from_secs(10), || async {
+        (AtomicUsize::load(&done, Ordering::SeqCst) >= BURST / 2).then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        let read = app.get_item(hot).await;
+        assert_eq!(
+            (read.status().as_u16(), header(&read, "x-cache").as_str()),
+            (200, "HIT")
+        );
+    }
+    diesel::sql_query("ROLLBACK")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    let results: Vec<(u16, String, Duration)> = futures_util::future::join_all(burst)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let shed: Vec<_> = results
+        .iter()
+        .filter(|(s, code, _)| *s == 503 && code == "overloaded")
+        .collect();
+    let others: Vec<_> = results
+        .iter()
+        .filter(|(s, code, _)| !(*s == 503 && code == "overloaded"))
+        .collect();
+    eprintln!(
+        "burst of {BURST}: {} shed (slowest {:?}), {} others {:?}",
+        shed.len(),
+        shed.iter().map(|r| r.2).max(),
+        others.len(),
+        others
+            .iter()
+            .map(|r| (r.0, r.1.as_str()))
+            .collect::<Vec<_>>()
+    );
+    assert!(shed.len() >= BURST / 2, "most of the burst was shed");
+    assert!(shed.iter().all(|r| r.2 < MARGIN), "shedding is fast");
+    assert!(
+        others
+            .iter()
+            .all(|(s, code, _)| *s == 200 || (*s == 503 && code == "database_unavailable")),
+        "the rest waited, bounded, for Postgres"
+    );
+    // And right after, the service serves normally.
+    let after = app.get_item(ids[BURST]).await;
+    assert_eq!(after.status(), 200);
+}
