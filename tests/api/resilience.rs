@@ -31,7 +31,10 @@ fn cache_ms(response: &reqwest::Response) -> f64 {
 
 async fn app_with_own_servers() -> TestApp {
     Spawn::default()
-        .var("RUST_LOG", std::env::var("TEST_LOG").unwrap_or("warn".into()))
+        .var(
+            "RUST_LOG",
+            std::env::var("TEST_LOG").unwrap_or("warn".into()),
+        )
         .backends(Backends::dedicated().await)
         .var("REDIS_TIMEOUT_MS", DEADLINE_MS)
         .start()
@@ -261,7 +264,10 @@ async fn postgres_down_serves_what_is_cached_and_503_for_the_rest() {
         || async {
             let read = app.get_item(uncached).await;
             let status = read.status();
-            eprintln!("after restart: {status} {}", read.text().await.unwrap_or_default());
+            eprintln!(
+                "after restart: {status} {}",
+                read.text().await.unwrap_or_default()
+            );
             (status == 200).then_some(())
         },
     )
