@@ -124,7 +124,7 @@ impl Settings {
                     );
                 }
             },
-            log_filter: env.raw("RUST_LOG").unwrap_or("info").to_owned(),
+            log_filter: env.log_filter("RUST_LOG")?,
         })
     }
 }
@@ -229,6 +229,13 @@ impl Env<'_> {
         Ok(value.to_owned())
     }
 
+    fn log_filter(&self, name: &'static str) -> Result<String, ConfigError> {
+        let value = self.raw(name).unwrap_or("info");
+        tracing_subscriber::EnvFilter::try_new(value)
+            .map(|_| value.to_owned())
+            .map_err(|e| self.invalid(name, format!("not a valid log filter ({e}), got {value:?}")))
+    }
+
     fn write_token(&self, name: &'static str) -> Result<Option<WriteToken>, ConfigError> {
         match self.0.get(name).map(String::as_str) {
             None | Some("") => Ok(None),
@@ -309,6 +316,14 @@ mod tests {
             let err = settings(&[(var, value)]).err().map(|e| e.to_string());
             assert_eq!(err.as_deref(), Some(message), "{var}={value}");
         }
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_a_config_error() {
+        let err = settings(&[("RUST_LOG", "info,[")])
+            .err()
+            .map(|e| e.variable);
+        assert_eq!(err, Some("RUST_LOG"));
     }
 
     #[test]

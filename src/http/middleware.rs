@@ -124,7 +124,10 @@ impl FromRequest for WriteAccess {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` is `Bearer`.
+            .and_then(|v| v.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token);
         ready(match presented {
             Some(p) if token.matches(p.trim()) => Ok(WriteAccess),
             _ => Err(ApiError::Unauthorized),

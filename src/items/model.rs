@@ -217,6 +217,11 @@ impl<'a> Fields<'a> {
 
     fn string(&self, errors: &mut FieldErrors, field: &str) -> Option<String> {
         match self.0.get(field)? {
+            // Postgres text cannot hold U+0000: let through, it would fail the INSERT (a 500).
+            Value::String(s) if s.contains('\0') => {
+                errors.push(FieldError::new(field, "must not contain U+0000 (NUL)"));
+                None
+            }
             Value::String(s) => Some(s.clone()),
             other => {
                 errors.push(FieldError::new(
@@ -315,6 +320,15 @@ mod tests {
             .unwrap_or_default();
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["colour", "name", "price_cents"]);
+    }
+
+    #[test]
+    fn nul_characters_are_refused_as_postgres_cannot_store_them() {
+        let errors = NewItem::parse(&json!({"name": "a\0", "description": "\0"}))
+            .err()
+            .unwrap_or_default();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["name", "description"]);
     }
 
     #[test]

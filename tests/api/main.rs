@@ -8,6 +8,9 @@
 #[allow(dead_code)]
 mod support;
 
+mod bad_input;
 mod cache_behaviour;
 mod cache_races;
+mod cli;
+mod items_api;
 mod resilience;

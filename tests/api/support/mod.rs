@@ -373,7 +373,6 @@ pub fn header(response: &Response, name: &str) -> String {
 
 /// Asserts that `response` is an RFC 9457 problem document with `status` and `code` (and
 /// every member the contract names); returns the document for further checks.
-#[allow(clippy::expect_used, reason = "a test assertion: panicking is its job")]
 pub async fn assert_problem(response: Response, status: u16, code: &str) -> Value {
     let got_status = response.status().as_u16();
     let content_type = header(&response, "content-type");
