@@ -144,9 +144,23 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
             .map_err(|e| e.to_string())?;
         gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         describe();
+        start_at_zero();
         Ok(handle)
     });
     handle.clone().map_err(MetricsError)
+}
+
+/// Counters that may stay still for a long time exist from the start at 0: a series that
+/// appears with its first event hides that event from `rate()` and `increase()`, so a
+/// short burst of Redis errors would never reach the dashboard or the alert.
+fn start_at_zero() {
+    for op in [CacheOp::Get, CacheOp::Mget, CacheOp::Set, CacheOp::Delete] {
+        counter!(CACHE_ERRORS_TOTAL, "op" => op.as_str()).absolute(0);
+    }
+    for status in [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Stale, CacheStatus::Bypass] {
+        counter!(CACHE_LOOKUPS_TOTAL, "result" => status.as_str()).absolute(0);
+    }
+    counter!(COALESCED_REQUESTS_TOTAL).absolute(0);
 }
 
 fn describe() {
