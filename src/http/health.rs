@@ -6,7 +6,17 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::app::AppState;
+use crate::http::openapi;
 
+/// Liveness
+///
+/// The process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Up", body = openapi::Health)),
+)]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
@@ -18,8 +28,19 @@ struct Readiness {
     redis: &'static str,
 }
 
+/// Readiness
+///
 /// 200 `ok` with both up, 200 `degraded` with Redis down (reads go to Postgres),
 /// 503 `unavailable` with Postgres down. Each check is bounded by its pool's timeouts.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready: Postgres answers", body = openapi::Readiness),
+        (status = 503, description = "Not ready: Postgres is down", body = openapi::Readiness),
+    ),
+)]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let (postgres, redis) = tokio::join!(state.service.repo().ping(), state.service.cache().ping());
     let readiness = Readiness {
@@ -38,7 +59,18 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// The Prometheus text exposition of every metric.
+/// Metrics
+///
+/// Every metric, in the Prometheus text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", body = String,
+            content_type = "text/plain"),
+    ),
+)]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     state.sample_pools();
     HttpResponse::Ok()

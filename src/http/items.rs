@@ -10,6 +10,7 @@ use crate::http::body::JsonBody;
 use crate::http::errors::ApiError;
 use crate::http::headers::{self, SERVER_TIMING, X_CACHE};
 use crate::http::middleware::WriteAccess;
+use crate::http::openapi;
 use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
 use crate::items::service::{Batch, Lookup};
 
@@ -21,7 +22,25 @@ pub const LIST_DEFAULT: i64 = 50;
 
 type State = web::Data<AppState>;
 
-/// `GET /items/{id}`: cache-aside read; 304 when `If-None-Match` names the current version.
+/// Read an item
+///
+/// A cache-aside read: from Redis while it holds the item, else from Postgres (and then
+/// cached); `X-Cache` says which. A "not found" is cached too. While Postgres is down, a
+/// cached item is still served (`STALE`). With `If-None-Match` naming the current `ETag`:
+/// 304, no body.
+#[utoipa::path(
+    get,
+    path = "/items/{id}",
+    tag = "items",
+    params(openapi::ItemPath, openapi::IfNoneMatch),
+    responses(
+        (status = 200, description = "The item", body = openapi::Item,
+            headers(("ETag"), ("X-Cache"), ("Server-Timing"))),
+        (status = 304, description = "Not modified: the item is at the version in `If-None-Match`",
+            headers(("ETag"), ("X-Cache"))),
+        openapi::GetItemProblems,
+    ),
+)]
 pub async fn get_item(
     state: State,
     req: HttpRequest,
@@ -50,7 +69,27 @@ pub async fn get_item(
     }
 }
 
-/// `GET /items`: a batch read with `ids=`, else a keyset page.
+/// Batch-read or list items
+///
+/// With `ids`: a batch read, cache-aside like `GET /items/{id}` (one Redis round trip for all
+/// ids, at most one SQL query for the misses): the items found in request order, each once,
+/// and the ids not found in `missing`. Without: a page of items by id, from Postgres.
+#[utoipa::path(
+    get,
+    path = "/items",
+    tag = "items",
+    params(openapi::ItemsQuery),
+    responses(
+        (status = 200, description = "A batch (with `ids`) or a page", body = openapi::ItemList,
+            headers(
+                ("X-Cache", description = "Batch reads only. `BYPASS` if the cache was not \
+                    used, else `MISS` if any id was read from Postgres, else `STALE` if any \
+                    entry was served stale, else `HIT`."),
+                ("Server-Timing", description = "Batch reads only."),
+            )),
+        openapi::GetItemsProblems,
+    ),
+)]
 pub async fn get_items(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     match ItemsQuery::parse(req.query_string())? {
         ItemsQuery::Batch(ids) => {
@@ -76,7 +115,21 @@ pub async fn get_items(state: State, req: HttpRequest) -> Result<HttpResponse, A
     }
 }
 
-/// `POST /items`: 201 with `Location`.
+/// Create an item
+///
+/// Every field error is reported at once (422 `validation_failed`). Needs the bearer token
+/// when the service has one.
+#[utoipa::path(
+    post,
+    path = "/items",
+    tag = "items",
+    request_body(content = openapi::CreateItem, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created", body = openapi::Item,
+            headers(("Location"), ("ETag"))),
+        openapi::CreateItemProblems,
+    ),
+)]
 pub async fn create_item(
     _: WriteAccess,
     state: State,
@@ -90,7 +143,22 @@ pub async fn create_item(
     ))
 }
 
-/// `PATCH /items/{id}`: partial update, guarded by `If-Match` when given.
+/// Update an item
+///
+/// Changes the fields given (at least one); the version grows by one. With `If-Match`, only
+/// while the item is at that version. Every later read sees the new state.
+#[utoipa::path(
+    patch,
+    path = "/items/{id}",
+    tag = "items",
+    params(openapi::ItemPath, openapi::IfMatch),
+    request_body(content = openapi::UpdateItem, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The updated item", body = openapi::Item,
+            headers(("ETag"))),
+        openapi::UpdateItemProblems,
+    ),
+)]
 pub async fn update_item(
     _: WriteAccess,
     state: State,
@@ -107,7 +175,19 @@ pub async fn update_item(
     Ok(item_response(&mut HttpResponse::Ok(), &item))
 }
 
-/// `DELETE /items/{id}`: 204, guarded by `If-Match` when given.
+/// Delete an item
+///
+/// With `If-Match`, only while the item is at that version. Every later read is a 404.
+#[utoipa::path(
+    delete,
+    path = "/items/{id}",
+    tag = "items",
+    params(openapi::ItemPath, openapi::IfMatch),
+    responses(
+        (status = 204, description = "Deleted"),
+        openapi::DeleteItemProblems,
+    ),
+)]
 pub async fn delete_item(
     _: WriteAccess,
     state: State,
@@ -122,7 +202,20 @@ pub async fn delete_item(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// `DELETE /cache/items/{id}`: evicts the cache entry only.
+/// Evict an item from the cache
+///
+/// Removes the cache entry only; the next read is a `MISS`. A write: needs the bearer token
+/// when the service has one.
+#[utoipa::path(
+    delete,
+    path = "/cache/items/{id}",
+    tag = "cache",
+    params(openapi::ItemPath),
+    responses(
+        (status = 204, description = "Evicted (or was not cached)"),
+        openapi::EvictItemProblems,
+    ),
+)]
 pub async fn evict_item(
     _: WriteAccess,
     state: State,

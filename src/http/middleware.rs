@@ -13,6 +13,7 @@ use actix_web::{FromRequest, HttpRequest, web};
 use tracing::Instrument;
 
 use crate::app::AppState;
+use crate::http::ROUTES;
 use crate::http::errors::ApiError;
 use crate::http::headers::{X_CACHE, X_REQUEST_ID};
 use crate::metrics;
@@ -65,17 +66,7 @@ fn request_id(presented: Option<&HeaderValue>) -> HeaderValue {
     }
 }
 
-/// Every route pattern, as the static label values the `route` label may take.
-pub const ROUTES: [&str; 7] = [
-    "/items",
-    "/items/{id}",
-    "/cache/items/{id}",
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "unmatched",
-];
-
+/// The `route` label: a pattern from the route table (`http::ROUTES`), or `unmatched`.
 fn route_label(name: Option<&str>) -> &'static str {
     name.and_then(|n| ROUTES.iter().find(|r| **r == n).copied())
         .unwrap_or("unmatched")

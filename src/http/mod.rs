@@ -1,56 +1,99 @@
 //! HTTP: routes, handlers, errors and headers. Knows no SQL and no Redis.
 
 pub mod body;
+pub mod docs;
 pub mod errors;
 pub mod headers;
 pub mod health;
 pub mod items;
 pub mod middleware;
+pub mod openapi;
 
 use actix_web::web;
 
 use crate::http::errors::method_not_allowed;
 
-/// Every route, in one place. Each resource is named after its pattern: the request
-/// metrics use that name as the `route` label.
+/// `get` -> `"GET"`: the methods the route table uses.
+macro_rules! method_name {
+    (get) => {
+        "GET"
+    };
+    (post) => {
+        "POST"
+    };
+    (patch) => {
+        "PATCH"
+    };
+    (delete) => {
+        "DELETE"
+    };
+}
+
+/// The route table: every route, once. From each row (a pattern and its methods' handlers)
+/// it makes
+/// - the resource in [`routes`], named after its pattern (the `route` metrics label), with a
+///   405 problem whose `Allow` lists the row's methods;
+/// - an entry in [`ROUTES`] and [`OPERATIONS`];
+/// - the row's handlers in [`ApiPaths`], whose `#[utoipa::path]` annotations make the
+///   document's `paths`.
+///
+/// So a route cannot be served without being documented. What the table cannot see, a
+/// handler annotated with another pattern or method than its row, tests/api/openapi.rs does:
+/// it compares the document's operations with [`OPERATIONS`] and asks the live app for each.
+macro_rules! route_table {
+    ($($pattern:literal => { $($method:ident: $($handler:ident)::+),+ $(,)? }),+ $(,)?) => {
+        /// Every route pattern served: the values of the `route` metrics label, with one for
+        /// every path that matched no route.
+        pub const ROUTES: &[&str] = &[$($pattern,)+ "unmatched"];
+
+        /// Every operation served, as (method, pattern): what `/openapi.json` documents.
+        pub const OPERATIONS: &[(&str, &str)] = &[$($((method_name!($method), $pattern),)+)+];
+
+        fn table_routes(cfg: &mut web::ServiceConfig) {
+            $(
+                cfg.service(
+                    web::resource($pattern)
+                        .name($pattern)
+                        $(.route(web::$method().to($($handler)::+)))+
+                        .default_service(method_not_allowed(
+                            route_table!(@allow $($method),+),
+                        )),
+                );
+            )+
+        }
+
+        /// The documented operations: the table's handlers, by their `#[utoipa::path]`.
+        #[derive(utoipa::OpenApi)]
+        #[openapi(paths($($($($handler)::+),+),+))]
+        pub struct ApiPaths;
+    };
+    (@allow $first:ident $(, $rest:ident)*) => {
+        concat!(method_name!($first) $(, ", ", method_name!($rest))*)
+    };
+}
+
+route_table! {
+    "/items" => { get: items::get_items, post: items::create_item },
+    "/items/{id}" => {
+        get: items::get_item,
+        patch: items::update_item,
+        delete: items::delete_item,
+    },
+    "/cache/items/{id}" => { delete: items::evict_item },
+    "/healthz" => { get: health::healthz },
+    "/readyz" => { get: health::readyz },
+    "/metrics" => { get: health::metrics },
+    "/openapi.json" => { get: docs::openapi_json },
+    "/docs" => { get: docs::swagger_ui },
+}
+
+/// Every route: the table's, and Swagger UI's files, which count as `/docs` in metrics.
 pub fn routes(cfg: &mut web::ServiceConfig) {
+    table_routes(cfg);
     cfg.service(
-        web::resource("/items")
-            .name("/items")
-            .route(web::get().to(items::get_items))
-            .route(web::post().to(items::create_item))
-            .default_service(method_not_allowed("GET, POST")),
-    )
-    .service(
-        web::resource("/items/{id}")
-            .name("/items/{id}")
-            .route(web::get().to(items::get_item))
-            .route(web::patch().to(items::update_item))
-            .route(web::delete().to(items::delete_item))
-            .default_service(method_not_allowed("GET, PATCH, DELETE")),
-    )
-    .service(
-        web::resource("/cache/items/{id}")
-            .name("/cache/items/{id}")
-            .route(web::delete().to(items::evict_item))
-            .default_service(method_not_allowed("DELETE")),
-    )
-    .service(
-        web::resource("/healthz")
-            .name("/healthz")
-            .route(web::get().to(health::healthz))
-            .default_service(method_not_allowed("GET")),
-    )
-    .service(
-        web::resource("/readyz")
-            .name("/readyz")
-            .route(web::get().to(health::readyz))
-            .default_service(method_not_allowed("GET")),
-    )
-    .service(
-        web::resource("/metrics")
-            .name("/metrics")
-            .route(web::get().to(health::metrics))
+        web::resource("/docs/{file:.*}")
+            .name("/docs")
+            .route(web::get().to(docs::swagger_file))
             .default_service(method_not_allowed("GET")),
     );
 }

@@ -13,4 +13,5 @@ mod cache_behaviour;
 mod cache_races;
 mod cli;
 mod items_api;
+mod openapi;
 mod resilience;
