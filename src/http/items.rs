@@ -3,7 +3,6 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Serialize;
 
 use crate::app::AppState;
 use crate::http::body::JsonBody;
@@ -97,20 +96,7 @@ pub async fn get_items(state: State, req: HttpRequest) -> Result<HttpResponse, A
             Ok(read_response(&lookup).body(batch_body(&lookup.value)))
         }
         ItemsQuery::Page { after_id, limit } => {
-            let items = state
-                .service
-                .repo()
-                .list_items(after_id, limit)
-                .await
-                .map_err(crate::items::service::ServiceError::from)?;
-            let next_after_id = match items.last() {
-                Some(last) if items.len() as i64 == limit => Some(last.id),
-                _ => None,
-            };
-            Ok(HttpResponse::Ok().json(Page {
-                items: &items,
-                next_after_id,
-            }))
+            Ok(HttpResponse::Ok().json(state.service.list(after_id, limit).await?))
         }
     }
 }
@@ -270,12 +256,6 @@ fn batch_body(batch: &Batch) -> Bytes {
     }
     out.put_slice(b"]}");
     out.freeze()
-}
-
-#[derive(Serialize)]
-struct Page<'a> {
-    items: &'a [Item],
-    next_after_id: Option<i64>,
 }
 
 /// The two readings of `GET /items`.

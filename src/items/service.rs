@@ -70,6 +70,13 @@ pub struct Batch {
     pub missing: Vec<ItemId>,
 }
 
+/// A keyset page of the listing: `next_after_id` is `None` on the last page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Page {
+    pub items: Vec<Item>,
+    pub next_after_id: Option<i64>,
+}
+
 /// One id's answer from Postgres, shared by every coalesced reader.
 type Loaded = Result<Option<ItemJson>, ServiceError>;
 
@@ -418,6 +425,24 @@ impl ItemService {
         if let Err(e) = self.inner.cache.fill(&fills).await {
             tracing::debug!(error = %e, "cache fill failed");
         }
+    }
+
+    /// Keyset listing straight from Postgres (listings are not cached). One row more than
+    /// asked tells whether another page exists, so the last page says so.
+    #[tracing::instrument(skip_all)]
+    pub async fn list(&self, after_id: i64, limit: i64) -> Result<Page, ServiceError> {
+        let mut items = self.inner.repo.list_items(after_id, limit + 1).await?;
+        let more = items.len() as i64 > limit;
+        items.truncate(limit as usize);
+        let next_after_id = if more {
+            items.last().map(|item| item.id)
+        } else {
+            None
+        };
+        Ok(Page {
+            items,
+            next_after_id,
+        })
     }
 
     #[tracing::instrument(skip_all)]

@@ -398,6 +398,20 @@ async fn a_listing_walks_every_page_with_limit_and_after_id() {
 }
 
 #[tokio::test]
+async fn the_last_full_page_says_it_is_the_last() {
+    let app = spawn_app().await;
+    let ids = app.insert_items(6).await;
+    let first = get_json(&app, "/items?limit=3").await;
+    assert_eq!(first["next_after_id"], ids[2]);
+    let second = get_json(&app, &format!("/items?limit=3&after_id={}", ids[2])).await;
+    assert_eq!(ids_in(&second), ids[3..]);
+    assert!(
+        second["next_after_id"].is_null(),
+        "no empty third page to fetch: {second}"
+    );
+}
+
+#[tokio::test]
 async fn a_listing_item_is_the_same_as_a_read_of_it() {
     let app = spawn_app().await;
     let item = create(
