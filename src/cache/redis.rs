@@ -263,33 +263,35 @@ impl Connections {
         })
     }
 
-    /// A clone of the next connected slot's connection, or `None` when that slot is being
-    /// replaced (the caller goes on without the cache rather than wait for a connect).
+    /// A clone of a connected slot's connection, or `None` when none is connected (the
+    /// caller goes on without the cache rather than wait for a connect).
     pub fn lend(&self) -> Option<(MultiplexedConnection, Lent<'_>)> {
-        let index = NEXT.with(|n| {
+        let slots = &self.inner.slots;
+        let start = NEXT.with(|n| {
             let i = n.get();
             n.set(i.wrapping_add(1));
             i
-        }) % self.inner.slots.len();
-        let slot = &self.inner.slots[index];
-        let current = slot.conn.read().ok().and_then(|c| c.clone());
-        match current {
-            Some((generation, conn)) => {
-                slot.in_flight.fetch_add(1, Ordering::Relaxed);
-                Some((
-                    conn,
-                    Lent {
+        });
+        // The next slot in turn; if it is being replaced, the first connected one after it
+        // (so that the first connection made after an outage serves everyone at once).
+        for k in 0..slots.len() {
+            let index = start.wrapping_add(k) % slots.len();
+            let slot = &slots[index];
+            let current = slot.conn.read().ok().and_then(|c| c.clone());
+            match current {
+                Some((generation, conn)) => {
+                    slot.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let lent = Lent {
                         slot,
                         index,
                         generation,
-                    },
-                ))
-            }
-            None => {
-                self.spawn_reconnect(index);
-                None
+                    };
+                    return Some((conn, lent));
+                }
+                None => self.spawn_reconnect(index),
             }
         }
+        None
     }
 
     /// The command on `lent` failed or timed out: drop that connection (unless it was
