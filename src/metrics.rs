@@ -157,7 +157,12 @@ fn start_at_zero() {
     for op in [CacheOp::Get, CacheOp::Mget, CacheOp::Set, CacheOp::Delete] {
         counter!(CACHE_ERRORS_TOTAL, "op" => op.as_str()).absolute(0);
     }
-    for status in [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Stale, CacheStatus::Bypass] {
+    for status in [
+        CacheStatus::Hit,
+        CacheStatus::Miss,
+        CacheStatus::Stale,
+        CacheStatus::Bypass,
+    ] {
         counter!(CACHE_LOOKUPS_TOTAL, "result" => status.as_str()).absolute(0);
     }
     counter!(COALESCED_REQUESTS_TOTAL).absolute(0);

@@ -8,11 +8,16 @@
 //! Each load carries a tag (the service uses the write stamp its leader noted); a caller
 //! joins only a load with its own tag, and otherwise starts a newer one that later callers
 //! join instead. So a load that began before a write never answers a read begun after it.
+//!
+//! A finished load may linger for a moment (when its tag allows): a reader that missed
+//! the cache just before the load filled it, but asks just after the load finished, takes
+//! its answer instead of querying again. Equal tags make that as correct as joining.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -20,23 +25,46 @@ use tokio::sync::watch;
 /// every waiter.
 pub struct Flights<K, T, V> {
     // A std Mutex: held only to look up or insert, never across an `.await`.
-    inflight: Mutex<HashMap<K, Flight<T, V>>>,
+    inflight: Mutex<Inflight<K, T, V>>,
     /// Numbers each registration, so a finished leader unregisters only its own flight.
     next_flight: std::sync::atomic::AtomicU64,
+    /// How long a finished load stays joinable, and for which tags.
+    linger: Duration,
+    lingers: fn(&T, &V) -> bool,
 }
 
-/// One registered load: its number, its tag, and where its answer will appear.
+struct Inflight<K, T, V> {
+    flights: HashMap<K, Flight<T, V>>,
+    /// When finished loads were last swept out.
+    swept: Instant,
+}
+
+/// One registered load: its number, its tag, where its answer will appear, and when it
+/// finished (if it lingers).
 struct Flight<T, V> {
     number: u64,
     tag: T,
     answer: watch::Receiver<Option<V>>,
+    done: Option<Instant>,
 }
 
 impl<K, T, V> Default for Flights<K, T, V> {
     fn default() -> Self {
+        Flights::new(Duration::ZERO, |_, _| false)
+    }
+}
+
+impl<K, T, V> Flights<K, T, V> {
+    /// Flights whose finished loads stay joinable for `linger` when `lingers(tag, answer)`.
+    pub fn new(linger: Duration, lingers: fn(&T, &V) -> bool) -> Self {
         Flights {
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(Inflight {
+                flights: HashMap::new(),
+                swept: Instant::now(),
+            }),
             next_flight: std::sync::atomic::AtomicU64::new(0),
+            linger,
+            lingers,
         }
     }
 }
@@ -84,9 +112,9 @@ where
                     flight,
                 };
                 let loaded = load(registered.keys.clone()).await;
-                // Unregister before publishing: a caller arriving from now on starts a new
-                // load, which reads what was committed after this one.
-                drop(registered);
+                // Finish before publishing: a caller arriving from now on starts a new load
+                // (which reads what was committed after this one), unless this one lingers.
+                registered.finish(&loaded);
                 for (key, tx) in leading {
                     if let Some(value) = loaded.get(&key) {
                         tx.send_replace(Some(value.clone()));
@@ -119,21 +147,32 @@ where
         let mut leading = Vec::new();
         let mut following = Vec::new();
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.linger.is_zero() && inflight.swept.elapsed() > self.linger {
+            let linger = self.linger;
+            inflight
+                .flights
+                .retain(|_, f| f.done.is_none_or(|done| done.elapsed() < linger));
+            inflight.swept = Instant::now();
+        }
         for &key in keys {
             let tag = tag(&key);
-            match inflight.get(&key) {
-                Some(flight) if flight.tag == tag => following.push((key, flight.answer.clone())),
+            match inflight.flights.get(&key) {
+                Some(flight)
+                    if flight.tag == tag
+                        && flight.done.is_none_or(|done| done.elapsed() < self.linger) =>
+                {
+                    following.push((key, flight.answer.clone()))
+                }
                 // None in flight, or one begun before a write we know of: start a newer one.
                 _ => {
                     let (tx, rx) = watch::channel(None);
-                    inflight.insert(
-                        key,
-                        Flight {
-                            number,
-                            tag,
-                            answer: rx,
-                        },
-                    );
+                    let flight = Flight {
+                        number,
+                        tag,
+                        answer: rx,
+                        done: None,
+                    };
+                    inflight.flights.insert(key, flight);
                     leading.push((key, tx));
                 }
             }
@@ -147,16 +186,44 @@ where
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .flights
             .remove(key);
     }
 }
 
-/// The keys a leader registered; unregistered when it finishes or is dropped mid-load, so
-/// that a cancelled request never leaves an id "in flight" forever.
+/// The keys a leader registered; unregistered when it finishes (or marked finished, if
+/// they linger) or when it is dropped mid-load, so that a cancelled request never leaves
+/// an id "in flight" forever.
 struct Registered<'a, K: Eq + Hash, T, V> {
     flights: &'a Flights<K, T, V>,
     keys: Vec<K>,
     flight: u64,
+}
+
+impl<K: Eq + Hash, T, V> Registered<'_, K, T, V> {
+    fn finish(mut self, loaded: &HashMap<K, V>) {
+        // Take the keys: the `Drop` below then has nothing left to unregister.
+        let keys = std::mem::take(&mut self.keys);
+        let flights = self.flights;
+        let mut inflight = flights.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &keys {
+            // Only our own registration: a newer flight may have taken the key.
+            if let Some(f) = inflight
+                .flights
+                .get_mut(key)
+                .filter(|f| f.number == self.flight)
+            {
+                let lingers = loaded
+                    .get(key)
+                    .is_some_and(|v| (flights.lingers)(&f.tag, v));
+                if !flights.linger.is_zero() && lingers {
+                    f.done = Some(Instant::now());
+                } else {
+                    inflight.flights.remove(key);
+                }
+            }
+        }
+    }
 }
 
 impl<K: Eq + Hash, T, V> Drop for Registered<'_, K, T, V> {
@@ -167,9 +234,12 @@ impl<K: Eq + Hash, T, V> Drop for Registered<'_, K, T, V> {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         for key in &self.keys {
-            // Only our own registration: a newer flight may have taken the key.
-            if inflight.get(key).is_some_and(|f| f.number == self.flight) {
-                inflight.remove(key);
+            if inflight
+                .flights
+                .get(key)
+                .is_some_and(|f| f.number == self.flight)
+            {
+                inflight.flights.remove(key);
             }
         }
     }
@@ -241,7 +311,7 @@ mod tests {
         while flights
             .inflight
             .lock()
-            .map(|m| m.is_empty())
+            .map(|m| m.flights.is_empty())
             .unwrap_or(true)
         {
             tokio::task::yield_now().await;
@@ -262,5 +332,27 @@ mod tests {
         leader.abort();
         let landed = follower.await.expect("follower");
         assert_eq!(landed.values.get(&7), Some(&70));
+    }
+
+    #[tokio::test]
+    async fn a_finished_load_lingers_only_for_its_own_tag() {
+        let flights = Flights::<u32, u32, u32>::new(Duration::from_secs(60), |_, _| true);
+        let loads = AtomicUsize::new(0);
+        let load = |keys: Vec<u32>| {
+            loads.fetch_add(1, Ordering::SeqCst);
+            async move { keys.into_iter().map(|k| (k, k)).collect() }
+        };
+        flights.run(&[1], |_| 5, load).await;
+        let again = flights.run(&[1], |_| 5, load).await;
+        assert_eq!(
+            (loads.load(Ordering::SeqCst), again.coalesced),
+            (1, 1),
+            "same tag: reused"
+        );
+        flights.run(&[1], |_| 6, load).await;
+        assert_eq!(loads.load(Ordering::SeqCst), 2, "another tag: loaded again");
+        flights.forget(&1);
+        flights.run(&[1], |_| 6, load).await;
+        assert_eq!(loads.load(Ordering::SeqCst), 3, "forgotten: loaded again");
     }
 }

@@ -77,6 +77,12 @@ pub struct Page {
     pub next_after_id: Option<i64>,
 }
 
+/// How long a finished load stays joinable by readers that noted the same write stamp:
+/// long enough to cover a reader that missed the cache just before the load filled it,
+/// short next to the stamp's lifetime (a day). Loads without stamps, and failed loads,
+/// never linger.
+const LINGER: Duration = Duration::from_millis(500);
+
 /// One id's answer from Postgres, shared by every coalesced reader.
 type Loaded = Result<Option<ItemJson>, ServiceError>;
 
@@ -135,7 +141,7 @@ impl ItemService {
                     negative: settings.cache_negative_ttl,
                     stale: settings.cache_stale,
                 },
-                flights: Flights::default(),
+                flights: Flights::new(LINGER, |noted, answer| noted.is_some() && answer.is_ok()),
                 pending: Pending::default(),
             }),
         }

@@ -373,5 +373,6 @@ async fn a_burst_beyond_capacity_is_shed_fast_while_hits_are_served() {
     );
     // And right after, the service serves normally.
     let after = app.get_item(ids[BURST]).await;
-    assert_eq!(after.status(), 200);
+    let status = after.status();
+    assert_eq!(status, 200, "{}", after.text().await.unwrap_or_default());
 }
