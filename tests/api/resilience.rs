@@ -293,6 +293,9 @@ async fn a_burst_beyond_capacity_is_shed_fast_while_hits_are_served() {
     let hot = ids[0];
     cache_it(&app, hot).await;
 
+    // The application runs in this process: its resident memory is ours.
+    let rss_before = resident_mib();
+
     // Hold every Postgres read: a transaction that locks the table.
     let mut lock = app.backends.connect(&app.database).await;
     diesel::sql_query("BEGIN").execute(&mut lock).await.unwrap();
@@ -371,8 +374,31 @@ async fn a_burst_beyond_capacity_is_shed_fast_while_hits_are_served() {
             .all(|(s, code, _)| *s == 200 || (*s == 503 && code == "database_unavailable")),
         "the rest waited, bounded, for Postgres"
     );
+    // Shedding queues nothing: memory after the burst is about what it was before.
+    let grown = resident_mib() - rss_before;
+    assert!(
+        grown < 100.0,
+        "resident memory grew by {grown:.0} MiB during the burst"
+    );
     // And right after, the service serves normally.
     let after = app.get_item(ids[BURST]).await;
     let status = after.status();
     assert_eq!(status, 200, "{}", after.text().await.unwrap_or_default());
+}
+
+/// This process's resident memory (VmRSS), in MiB.
+fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
 }
