@@ -52,11 +52,15 @@ fn as_pg_user(program: &Path) -> Command {
     }
 }
 
-/// A `sh` that runs `script` once this process's end of its stdin closes.
+/// A `sh` that runs `script` once this process's end of its stdin closes. In a process
+/// group of its own, so that killing the test run's group (a timeout, Ctrl-C) still leaves
+/// it to clean up.
 fn guardian(script: &str) -> Child {
+    use std::os::unix::process::CommandExt;
     Command::new("sh")
         .arg("-c")
         .arg(format!("read _ignored; {script}"))
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
