@@ -5,7 +5,7 @@
 //! - [`app`]: start-up and shutdown; [`app::AppState`] is what handlers reach.
 //! - [`http`]: routes, handlers, problem documents, headers, middleware.
 //! - [`items`]: the item model, its Postgres queries, and the cache-aside service.
-//! - [`cache`]: Redis entries, fill leases, and request coalescing.
+//! - [`cache`]: Redis entries and write stamps, coalescing, the circuit breaker, retries.
 //! - [`db`]: the Postgres pool and embedded migrations; [`seed`]: bulk demo data.
 //! - [`metrics`]: every metric name and label; [`telemetry`]: logs.
 
