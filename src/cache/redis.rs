@@ -233,13 +233,13 @@ impl Connections {
         }
     }
 
-    /// Connects every empty slot now (at start-up), each within the connect timeout.
-    /// Returns how many slots are connected; zero means Redis is not reachable yet, and
-    /// the slots will be filled in the background once it is.
+    /// Connects every empty slot now (at start-up), all at once, so an unreachable Redis
+    /// delays start-up by one connect timeout, not one per slot. Returns how many slots
+    /// are connected; zero means Redis is not reachable yet, and the slots will be filled
+    /// in the background once it is.
     pub async fn connect_all(&self) -> usize {
-        for index in 0..self.inner.slots.len() {
-            self.inner.clone().reconnect(index).await;
-        }
+        let connects = (0..self.inner.slots.len()).map(|index| self.inner.clone().reconnect(index));
+        futures_util::future::join_all(connects).await;
         self.connected()
     }
 

@@ -47,8 +47,7 @@ pub async fn get_item(
 ) -> Result<HttpResponse, ApiError> {
     let id = ItemId::parse(&path).ok_or(ApiError::InvalidId)?;
     let lookup = state.service.get(id).await?;
-    let mut response = read_response(&lookup);
-    match lookup.value {
+    match &lookup.value {
         None => {
             // Not an error of ours, but still a read: keep its cache headers.
             let mut error = actix_web::ResponseError::error_response(&ApiError::ItemNotFound);
@@ -63,7 +62,9 @@ pub async fn get_item(
                     .insert_header((X_CACHE, headers::x_cache(lookup.status)))
                     .finish());
             }
-            Ok(response.insert_header((header::ETAG, etag)).body(item.json))
+            Ok(read_response(&lookup)
+                .insert_header((header::ETAG, etag))
+                .body(item.json.clone()))
         }
     }
 }

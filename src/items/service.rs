@@ -240,10 +240,13 @@ impl ItemService {
     pub async fn get_many(&self, ids: &[ItemId]) -> Result<Lookup<Batch>, ServiceError> {
         let inner = &self.inner;
         let started = Instant::now();
-        let cached = match inner.mode {
-            _ if inner.pending.any_of(ids) => None,
-            CacheMode::Disabled => None,
-            CacheMode::Enabled => inner.cache.mget(ids).await.ok(),
+        // Cache off, or a write of one of these ids not yet invalidated in Redis: do not
+        // trust it for any of them.
+        let trusted = inner.mode == CacheMode::Enabled && !inner.pending.any_of(ids);
+        let cached = if trusted {
+            inner.cache.mget(ids).await.ok()
+        } else {
+            None
         };
         let cache_time = started.elapsed();
         let Some(cached) = cached else {
