@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, middleware::from_fn, web};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::cache::{Cache, Connections};
@@ -40,7 +39,7 @@ pub enum StartupError {
 pub struct AppState {
     pub service: ItemService,
     pub write_token: Option<WriteToken>,
-    pub metrics: PrometheusHandle,
+    pub metrics: metrics::Exporter,
 }
 
 impl AppState {

@@ -4,7 +4,7 @@
 //!
 //! Labels are `&'static str` from enums: recording allocates no label strings.
 
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -132,9 +132,54 @@ impl PoolName {
 #[error("could not install the metrics recorder: {0}")]
 pub struct MetricsError(String);
 
-/// Installs the Prometheus recorder once per process and returns its handle. A process
+/// The exporter's side of the recorder: renders `/metrics` and folds recent histogram
+/// samples into their buckets.
+///
+/// Both drain the exporter's histogram sample buffers (`metrics_util::AtomicBucket`),
+/// and a drain can lose a sample whose recording thread had already picked the buffer's
+/// current block but not yet claimed a slot in it: the drain sees the block quiet, reads
+/// it, and detaches it; the sample then lands in the detached block. Seen as a histogram
+/// `_count` one short in CI, and up to 2 % of samples lost with a drain running
+/// back to back (the unit test below). So a drain waits for recordings in flight, and
+/// recordings wait while a drain runs (for well under a millisecond, once per scrape and
+/// once per upkeep tick): histograms are recorded only through [`observe`].
+#[derive(Clone)]
+pub struct Exporter {
+    handle: PrometheusHandle,
+}
+
+impl Exporter {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let _draining = DRAINING.write().unwrap_or_else(PoisonError::into_inner);
+        self.handle.render()
+    }
+
+    /// Folds recent histogram samples into their buckets, so that they do not pile up
+    /// between scrapes.
+    pub fn run_upkeep(&self) {
+        let _draining = DRAINING.write().unwrap_or_else(PoisonError::into_inner);
+        self.handle.run_upkeep();
+    }
+}
+
+/// Held shared while a histogram sample is recorded, exclusively while samples are
+/// drained (see [`Exporter`]).
+static DRAINING: RwLock<()> = RwLock::new(());
+
+fn recording() -> RwLockReadGuard<'static, ()> {
+    DRAINING.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Records one histogram sample, never while a drain runs (see [`Exporter`]).
+fn observe(histogram: metrics::Histogram, took: Duration) {
+    let _recording = recording();
+    histogram.record(took.as_secs_f64());
+}
+
+/// Installs the Prometheus recorder once per process and returns its exporter. A process
 /// has one global recorder; several applications in one process (the tests) share it.
-pub fn install() -> Result<PrometheusHandle, MetricsError> {
+pub fn install() -> Result<Exporter, MetricsError> {
     static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     let handle = HANDLE.get_or_init(|| {
         let handle = PrometheusBuilder::new()
@@ -147,7 +192,10 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         start_at_zero();
         Ok(handle)
     });
-    handle.clone().map_err(MetricsError)
+    handle
+        .clone()
+        .map(|handle| Exporter { handle })
+        .map_err(MetricsError)
 }
 
 /// Counters that may stay still for a long time exist from the start at 0: a series that
@@ -214,8 +262,10 @@ pub fn record_http_request(
     took: Duration,
 ) {
     counter!(HTTP_REQUESTS_TOTAL, "method" => method, "route" => route, "status" => status_label(status)).increment(1);
-    histogram!(HTTP_REQUEST_DURATION_SECONDS, "method" => method, "route" => route, "cache" => cache)
-        .record(took.as_secs_f64());
+    observe(
+        histogram!(HTTP_REQUEST_DURATION_SECONDS, "method" => method, "route" => route, "cache" => cache),
+        took,
+    );
 }
 
 pub fn record_lookups(status: CacheStatus, ids: usize) {
@@ -223,7 +273,10 @@ pub fn record_lookups(status: CacheStatus, ids: usize) {
 }
 
 pub fn record_cache_op(op: CacheOp, took: Duration) {
-    histogram!(CACHE_OPERATION_DURATION_SECONDS, "op" => op.as_str()).record(took.as_secs_f64());
+    observe(
+        histogram!(CACHE_OPERATION_DURATION_SECONDS, "op" => op.as_str()),
+        took,
+    );
 }
 
 pub fn record_cache_error(op: CacheOp) {
@@ -231,7 +284,10 @@ pub fn record_cache_error(op: CacheOp) {
 }
 
 pub fn record_db_query(query: DbQuery, took: Duration) {
-    histogram!(DB_QUERY_DURATION_SECONDS, "query" => query.as_str()).record(took.as_secs_f64());
+    observe(
+        histogram!(DB_QUERY_DURATION_SECONDS, "query" => query.as_str()),
+        took,
+    );
 }
 
 pub fn record_coalesced(waiters: usize) {
@@ -279,4 +335,64 @@ fn status_label(status: u16) -> &'static str {
             400..=499 => "4xx",
             _ => "5xx",
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use metrics::{Key, Metadata, Recorder};
+
+    use super::*;
+
+    /// Recording threads race a thread that drains without pause; afterwards the
+    /// histogram's `_count` must hold every sample. Without the drain gate this lost 1 to
+    /// 3,600 of the 200,000 samples in every run here.
+    #[test]
+    fn rendering_while_recording_loses_no_histogram_sample() {
+        const THREADS: usize = 2;
+        const SAMPLES: usize = 100_000;
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .expect("buckets")
+            .build_recorder();
+        let exporter = Exporter {
+            handle: recorder.handle(),
+        };
+        let metadata = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let histogram = recorder.register_histogram(&Key::from_name("race_seconds"), &metadata);
+        let done = Arc::new(AtomicBool::new(false));
+        let renderer = {
+            let (exporter, done) = (exporter.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    exporter.run_upkeep();
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let recorders: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let histogram = histogram.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..SAMPLES {
+                        observe(histogram.clone(), Duration::from_micros(100));
+                    }
+                })
+            })
+            .collect();
+        for thread in recorders {
+            thread.join().expect("recording thread");
+        }
+        done.store(true, Ordering::Relaxed);
+        renderer.join().expect("rendering thread");
+
+        let text = exporter.render();
+        let count = text
+            .lines()
+            .find_map(|line| line.strip_prefix("race_seconds_count "))
+            .unwrap_or_else(|| panic!("no race_seconds_count in\n{text}"));
+        assert_eq!(count, (THREADS * SAMPLES).to_string());
+    }
 }
