@@ -79,7 +79,12 @@ impl Application {
             .map_err(|e| StartupError::Redis(e.to_string()))?;
         // Connecting may take longer than one command's deadline (TCP + HELLO), but not long.
         let connect_timeout = settings.redis_timeout.max(Duration::from_millis(500));
-        let conns = Connections::new(factory, settings.redis_pool_size, connect_timeout);
+        let conns = Connections::new(
+            factory,
+            settings.redis_pool_size,
+            http_workers(),
+            connect_timeout,
+        );
         if conns.connect_all().await == 0 {
             tracing::warn!("redis is not reachable; serving from postgres until it is");
         }
@@ -145,6 +150,7 @@ fn server(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<
     })
     // Slow or idle clients must not hold connections: a request head must arrive within
     // 5 s (408 otherwise), a closing client gets 1 s, an idle keep-alive connection 30 s.
+    .workers(http_workers())
     .client_request_timeout(Duration::from_secs(5))
     .client_disconnect_timeout(Duration::from_secs(1))
     .keep_alive(Duration::from_secs(30))
@@ -154,6 +160,12 @@ fn server(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<
     .disable_signals()
     .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
     .run())
+}
+
+/// One HTTP worker per core (actix's default, named because each worker also keeps its own
+/// Redis connection: see `cache::redis`).
+fn http_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Histogram upkeep and pool sampling, until the server stops.

@@ -174,6 +174,61 @@ async fn a_killed_redis_restarted_on_its_port_is_used_again_without_a_restart() 
     );
 }
 
+/// Connections the service holds to `app`'s Redis (every client but the one asking).
+async fn redis_clients(app: &TestApp) -> usize {
+    let client = redis::Client::open(app.backends.redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT LIST");
+    list.lines().count() - 1
+}
+
+/// `REDIS_POOL_SIZE` (4 in tests) is every connection the service makes: each HTTP worker
+/// keeps its own, the rest are shared. Concurrent reads put every worker to work; the
+/// count never goes over, reaches the budget, and is made again after Redis restarts.
+#[tokio::test]
+async fn the_service_holds_redis_pool_size_connections_one_per_worker_and_the_rest_shared() {
+    const POOL_SIZE: usize = 4;
+    let app = app_with_own_servers().await;
+    let ids = app.insert_items(64).await;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let expected = workers + POOL_SIZE.saturating_sub(workers).max(1);
+    let app = Arc::new(app);
+    let all_used = || async {
+        let reads = ids.iter().map(|&id| {
+            let app = app.clone();
+            tokio::spawn(async move { app.get_item(id).await.status().as_u16() })
+        });
+        for status in futures_util::future::join_all(reads).await {
+            assert_eq!(status.expect("read task"), 200);
+        }
+        let held = redis_clients(&app).await;
+        assert!(held <= expected, "{held} connections, budget {expected}");
+        (held == expected).then_some(())
+    };
+
+    eventually(
+        "every connection to be made",
+        Duration::from_secs(10),
+        all_used,
+    )
+    .await;
+    app.backends.redis.kill();
+    app.backends.redis.restart();
+    eventually(
+        "every connection to be made again",
+        Duration::from_secs(10),
+        all_used,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_slow_redis_is_cut_off_at_the_deadline() {
     let backends = Backends::shared().await;
