@@ -29,6 +29,16 @@ macro_rules! method_name {
     };
 }
 
+/// `get` -> `"GET, HEAD"`: the methods a row's method serves (its 405's `Allow`).
+macro_rules! allow_name {
+    (get) => {
+        "GET, HEAD"
+    };
+    ($method:ident) => {
+        method_name!($method)
+    };
+}
+
 /// The route table: every route, once. From each row (a pattern and its methods' handlers)
 /// it makes
 /// - the resource in [`routes`], named after its pattern (the `route` metrics label), with a
@@ -51,14 +61,11 @@ macro_rules! route_table {
 
         fn table_routes(cfg: &mut web::ServiceConfig) {
             $(
-                cfg.service(
-                    web::resource($pattern)
-                        .name($pattern)
-                        $(.route(web::$method().to($($handler)::+)))+
-                        .default_service(method_not_allowed(
-                            route_table!(@allow $($method),+),
-                        )),
-                );
+                let resource = web::resource($pattern).name($pattern);
+                $(let resource = route_table!(@route resource, $method, $($handler)::+);)+
+                cfg.service(resource.default_service(method_not_allowed(
+                    route_table!(@allow $($method),+),
+                )));
             )+
         }
 
@@ -67,8 +74,18 @@ macro_rules! route_table {
         #[openapi(paths($($($($handler)::+),+),+))]
         pub struct ApiPaths;
     };
+    // HEAD wherever GET (RFC 9110 §9.1): the GET handler answers, and the server sends
+    // its status and headers without the body.
+    (@route $resource:ident, get, $handler:path) => {
+        $resource
+            .route(web::get().to($handler))
+            .route(web::head().to($handler))
+    };
+    (@route $resource:ident, $method:ident, $handler:path) => {
+        $resource.route(web::$method().to($handler))
+    };
     (@allow $first:ident $(, $rest:ident)*) => {
-        concat!(method_name!($first) $(, ", ", method_name!($rest))*)
+        concat!(allow_name!($first) $(, ", ", allow_name!($rest))*)
     };
 }
 
@@ -94,6 +111,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::resource("/docs/{file:.*}")
             .name("/docs")
             .route(web::get().to(docs::swagger_file))
-            .default_service(method_not_allowed("GET")),
+            .route(web::head().to(docs::swagger_file))
+            .default_service(method_not_allowed("GET, HEAD")),
     );
 }

@@ -1111,3 +1111,38 @@ async fn a_wrong_method_is_a_405_problem_with_allow() {
         assert_problem(response, 405, "method_not_allowed").await;
     }
 }
+
+/// HEAD is served wherever GET is (RFC 9110 §9.1): GET's status and headers, no body.
+#[tokio::test]
+async fn head_answers_like_get_without_the_body() {
+    let app = spawn_app().await;
+    let id = app.insert_items(1).await[0];
+    let item = format!("/items/{id}");
+    let missing = format!("/items/{}", id + 1_000_000);
+    for (path, cache) in [
+        (item.as_str(), "MISS"),
+        (item.as_str(), "HIT"),
+        (missing.as_str(), "MISS"),
+        ("/items?ids=1,2", ""),
+        ("/healthz", ""),
+        ("/openapi.json", ""),
+    ] {
+        let head = send(request(&app, Method::HEAD, path)).await;
+        let get = app.get(path).await;
+        let what = format!("HEAD {path}");
+        assert_eq!(head.status(), get.status(), "{what}");
+        if !cache.is_empty() {
+            assert_eq!(header(&head, "x-cache"), cache, "{what}");
+        }
+        for name in ["content-type", "content-length", "etag"] {
+            assert_eq!(header(&head, name), header(&get, name), "{what}: {name}");
+        }
+        assert!(!header(&head, "x-request-id").is_empty(), "{what}");
+        assert_eq!(head.bytes().await.expect("body").len(), 0, "{what}: body");
+    }
+
+    let etag = header(&app.get(&item).await, "etag");
+    let not_modified =
+        send(request(&app, Method::HEAD, &item).header("if-none-match", &etag)).await;
+    assert_eq!(not_modified.status(), 304);
+}
