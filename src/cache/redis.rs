@@ -197,6 +197,31 @@ impl Slot {
     }
 }
 
+/// An HTTP worker's entry: its own slot, or none when every own connection of the budget
+/// was claimed before this worker asked (it then uses the shared ones).
+struct Own {
+    /// The thread it belongs to. `thread_local` hands a dead thread's entry to the next
+    /// new thread (an actix worker that panicked is replaced): such an entry is reset, since
+    /// its connection's driver died with the old worker's runtime.
+    thread: AtomicU64,
+    slot: Option<Arc<Slot>>,
+}
+
+impl Own {
+    /// This worker's slot, reset first if it was another (dead) thread's.
+    fn slot(&self) -> Option<&Arc<Slot>> {
+        let slot = self.slot.as_ref()?;
+        let me = THREAD.with(|id| *id);
+        if self.thread.swap(me, Ordering::Relaxed) != me {
+            if let Ok(mut conn) = slot.conn.write() {
+                *conn = None;
+            }
+            slot.reconnecting.store(false, Ordering::Release);
+        }
+        Some(slot)
+    }
+}
+
 /// The Redis connections: each HTTP worker's own (see the module docs), and shared ones.
 #[derive(Clone)]
 pub struct Connections {
@@ -206,8 +231,12 @@ pub struct Connections {
 struct Inner {
     factory: deadpool_redis::Pool,
     /// Each HTTP worker's own connection (a worker is a current-thread runtime).
-    local: ThreadLocal<Arc<Slot>>,
+    local: ThreadLocal<Own>,
+    /// Own connections not claimed yet.
+    unclaimed: AtomicUsize,
     shared: Box<[Arc<Slot>]>,
+    /// The main runtime, where shared connections are made (and so their drivers run).
+    main: tokio::runtime::Handle,
     generation: AtomicU64,
     connect_timeout: Duration,
 }
@@ -216,6 +245,7 @@ struct Inner {
 /// until it is dropped.
 pub struct Lent<'a> {
     slot: &'a Arc<Slot>,
+    shared: bool,
     generation: u64,
 }
 
@@ -225,29 +255,35 @@ impl Drop for Lent<'_> {
     }
 }
 
+static THREADS: AtomicU64 = AtomicU64::new(0);
+
 thread_local! {
     /// Round-robin position over the shared slots, per thread so workers do not contend
     /// on one counter.
     static NEXT: Cell<usize> = const { Cell::new(0) };
+    /// A number for this thread, never reused (unlike `thread_local`'s ids).
+    static THREAD: u64 = THREADS.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Connections {
-    /// `size` connections in all, with one for each of `workers` HTTP workers (at least
-    /// one shared).
+    /// `size` connections in all: one of them for each of up to `workers` HTTP workers, the
+    /// rest (at least one) shared. Call it on the main runtime.
     pub fn new(
         factory: deadpool_redis::Pool,
         size: usize,
         workers: usize,
         connect_timeout: Duration,
     ) -> Connections {
-        let shared = (0..size.saturating_sub(workers).max(1))
-            .map(|_| Arc::new(Slot::empty()))
-            .collect();
+        let size = size.max(1);
+        let own = workers.min(size - 1);
+        let shared = (0..size - own).map(|_| Arc::new(Slot::empty())).collect();
         Connections {
             inner: Arc::new(Inner {
                 factory,
                 local: ThreadLocal::new(),
+                unclaimed: AtomicUsize::new(own),
                 shared,
+                main: tokio::runtime::Handle::current(),
                 generation: AtomicU64::new(0),
                 connect_timeout,
             }),
@@ -277,12 +313,14 @@ impl Connections {
             .count()
     }
 
-    /// `(idle, in_use)`: connected connections (the threads' own and the shared ones)
+    /// `(idle, in_use)`: connected connections (the workers' own and the shared ones)
     /// without and with a command in flight.
     pub fn usage(&self) -> (usize, usize) {
-        let shared = self.inner.shared.iter();
-        shared
-            .chain(self.inner.local.iter())
+        let own = self.inner.local.iter().filter_map(|own| own.slot.as_ref());
+        self.inner
+            .shared
+            .iter()
+            .chain(own)
             .fold((0, 0), |(idle, busy), slot| {
                 match (
                     slot.is_connected(),
@@ -295,13 +333,13 @@ impl Connections {
             })
     }
 
-    /// On an HTTP worker, its own connection if that is connected (else it is connected in
-    /// the background, on the worker); otherwise a shared one; `None` when none is
-    /// connected (the caller goes on without the cache rather than wait for a connect).
+    /// On an HTTP worker, its own connection if it has one and that is connected (else it
+    /// is connected in the background, on the worker); otherwise a shared one; `None` when
+    /// none is connected (the caller goes on without the cache rather than wait).
     pub fn lend(&self) -> Option<(MultiplexedConnection, Lent<'_>)> {
         if on_worker() {
-            let local = self.inner.local.get_or(|| Arc::new(Slot::empty()));
-            if let Some(lent) = self.try_lend(local) {
+            let own = self.inner.local.get_or(|| self.claim());
+            if let Some(lent) = own.slot().and_then(|slot| self.try_lend(slot, false)) {
                 return Some(lent);
             }
         }
@@ -315,19 +353,41 @@ impl Connections {
         // after it (so that the first connection made after an outage serves everyone).
         (0..shared.len())
             .map(|k| &shared[start.wrapping_add(k) % shared.len()])
-            .find_map(|slot| self.try_lend(slot))
+            .find_map(|slot| self.try_lend(slot, true))
+    }
+
+    /// A worker's entry, with an own slot while the budget lasts.
+    fn claim(&self) -> Own {
+        let claimed = self
+            .inner
+            .unclaimed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        Own {
+            thread: AtomicU64::new(THREAD.with(|id| *id)),
+            slot: claimed.then(|| Arc::new(Slot::empty())),
+        }
     }
 
     /// A clone of `slot`'s connection; if it has none, a new one is made in the background.
-    fn try_lend<'a>(&'a self, slot: &'a Arc<Slot>) -> Option<(MultiplexedConnection, Lent<'a>)> {
+    fn try_lend<'a>(
+        &'a self,
+        slot: &'a Arc<Slot>,
+        shared: bool,
+    ) -> Option<(MultiplexedConnection, Lent<'a>)> {
         let current = slot.conn.read().ok().and_then(|c| c.clone());
         match current {
             Some((generation, conn)) => {
                 slot.in_flight.fetch_add(1, Ordering::Relaxed);
-                Some((conn, Lent { slot, generation }))
+                let lent = Lent {
+                    slot,
+                    shared,
+                    generation,
+                };
+                Some((conn, lent))
             }
             None => {
-                self.spawn_reconnect(slot);
+                self.spawn_reconnect(slot, shared);
                 None
             }
         }
@@ -341,17 +401,21 @@ impl Connections {
         {
             *conn = None;
         }
-        self.spawn_reconnect(lent.slot);
+        self.spawn_reconnect(lent.slot, lent.shared);
     }
 
-    /// Connects `slot` in a task on this thread's runtime: on an actix worker (a
-    /// current-thread runtime), the connection's driver task then runs on the worker.
-    fn spawn_reconnect(&self, slot: &Arc<Slot>) {
+    /// Connects `slot` in the background: a shared one on the main runtime, a worker's own
+    /// on the worker (a current-thread runtime), where its driver task then runs too.
+    fn spawn_reconnect(&self, slot: &Arc<Slot>, shared: bool) {
         if slot.reconnecting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (inner, slot) = (self.inner.clone(), slot.clone());
-        tokio::spawn(async move { inner.reconnect(slot).await });
+        let connect = self.inner.clone().reconnect(slot.clone());
+        if shared {
+            self.inner.main.spawn(connect);
+        } else {
+            tokio::spawn(connect);
+        }
     }
 }
 

@@ -1087,13 +1087,21 @@ async fn an_unknown_route_is_a_404_not_found_problem() {
 async fn a_wrong_method_is_a_405_problem_with_allow() {
     let app = spawn_app().await;
     for (method, path, allowed) in [
-        (Method::PUT, "/items/1", vec!["GET", "PATCH", "DELETE"]),
-        (Method::POST, "/items/1", vec!["GET", "PATCH", "DELETE"]),
+        (
+            Method::PUT,
+            "/items/1",
+            vec!["GET", "HEAD", "PATCH", "DELETE"],
+        ),
+        (
+            Method::POST,
+            "/items/1",
+            vec!["GET", "HEAD", "PATCH", "DELETE"],
+        ),
         (Method::GET, "/cache/items/1", vec!["DELETE"]),
-        (Method::PUT, "/items", vec!["GET", "POST"]),
-        (Method::DELETE, "/items", vec!["GET", "POST"]),
-        (Method::POST, "/healthz", vec!["GET"]),
-        (Method::DELETE, "/readyz", vec!["GET"]),
+        (Method::PUT, "/items", vec!["GET", "HEAD", "POST"]),
+        (Method::DELETE, "/items", vec!["GET", "HEAD", "POST"]),
+        (Method::POST, "/healthz", vec!["GET", "HEAD"]),
+        (Method::DELETE, "/readyz", vec!["GET", "HEAD"]),
     ] {
         let response = send(request(&app, method.clone(), path)).await;
         let allow = header(&response, "allow");
@@ -1138,11 +1146,50 @@ async fn head_answers_like_get_without_the_body() {
             assert_eq!(header(&head, name), header(&get, name), "{what}: {name}");
         }
         assert!(!header(&head, "x-request-id").is_empty(), "{what}");
-        assert_eq!(head.bytes().await.expect("body").len(), 0, "{what}: body");
     }
+    // No body on the wire (an HTTP client would not read one after HEAD anyway): on one
+    // connection, the bytes after HEAD's headers are the next response's status line.
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .expect("connect");
+    for path in [item.as_str(), missing.as_str()] {
+        let next = exchange(&mut conn, "HEAD", path).await;
+        assert!(next.is_empty(), "HEAD {path}: {next:?} after the headers");
+    }
+    let next = exchange(&mut conn, "GET", "/healthz").await;
+    assert!(
+        next.ends_with(r#"{"status":"ok"}"#),
+        "GET after HEADs: {next:?}"
+    );
 
     let etag = header(&app.get(&item).await, "etag");
     let not_modified =
         send(request(&app, Method::HEAD, &item).header("if-none-match", &etag)).await;
     assert_eq!(not_modified.status(), 304);
+}
+
+/// Sends `method path` on `conn` (keep-alive) and reads one response: returns what came
+/// after the header block, once the peer has been quiet for a moment.
+async fn exchange(conn: &mut tokio::net::TcpStream, method: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let wait = if got.windows(4).any(|w| w == b"\r\n\r\n") {
+            std::time::Duration::from_millis(300)
+        } else {
+            std::time::Duration::from_secs(10)
+        };
+        match tokio::time::timeout(wait, conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            Ok(_) => panic!("{method} {path}: connection closed"),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").expect("a header block");
+    assert!(head.starts_with("HTTP/1.1 "), "{method} {path}: {head}");
+    rest.to_owned()
 }

@@ -189,16 +189,16 @@ async fn redis_clients(app: &TestApp) -> usize {
     list.lines().count() - 1
 }
 
-/// `REDIS_POOL_SIZE` (4 in tests) is every connection the service makes: each HTTP worker
-/// keeps its own, the rest are shared. Concurrent reads put every worker to work; the
-/// count never goes over, reaches the budget, and is made again after Redis restarts.
+/// `REDIS_POOL_SIZE` (4 in tests) is every connection the service makes: HTTP workers
+/// keep their own (while the budget lasts), the rest are shared. Concurrent reads put
+/// every worker to work; the count never goes over, reaches the budget (shared ones alone
+/// would be fewer), and is made again after Redis restarts.
 #[tokio::test]
 async fn the_service_holds_redis_pool_size_connections_one_per_worker_and_the_rest_shared() {
     const POOL_SIZE: usize = 4;
     let app = app_with_own_servers().await;
     let ids = app.insert_items(64).await;
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let expected = workers + POOL_SIZE.saturating_sub(workers).max(1);
+    let expected = POOL_SIZE;
     let app = Arc::new(app);
     let all_used = || async {
         let reads = ids.iter().map(|&id| {
