@@ -7,6 +7,9 @@ use itemcache::app::Application;
 use itemcache::config::Settings;
 use itemcache::{db, seed, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Item lookups over REST: Redis in front of Postgres, race-safe, observable.
 ///
 /// Configured by environment variables (and a `.env` file in the working directory);
