@@ -505,6 +505,16 @@ def report(raw, out, duration):
 # --- plots --------------------------------------------------------------------------------
 
 
+def bar_panel(ax, items, field, label_fmt, ylabel, title):
+    """One bar per (label, result, colour) that has a result, its `field` in thousands on top."""
+    items = [(l, r, c) for l, r, c in items if r]
+    bars = ax.bar(range(len(items)), [r[field] for _, r, _ in items], color=[c for _, _, c in items])
+    ax.bar_label(bars, labels=[label_fmt.format(r[field] / 1000) for _, r, _ in items], fontsize=7)
+    ax.set_xticks(range(len(items)), [l for l, _, _ in items], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
 def plots(res, out):
     refs, runs = res["references"], res["scenarios"]
     conns = [1, 16, 64, 256]
@@ -524,30 +534,17 @@ def plots(res, out):
     ax.set_title("Hit path beside Redis and the framework's floor")
     ax.legend(fontsize=8)
 
-    ax = axes[1]
-    items = [("pgbench -S\n-c 16", refs.get("pgbench.S.c16"), "#999999"),
-             ("BYPASS\n-c 16", runs.get("miss.bypass.c16"), "#c0504d"),
-             ("BYPASS\n-c 64", runs.get("miss.bypass.c64"), "#c0504d"),
-             ("miss+fill\n-c 16", runs.get("cold.fill.c16"), "#e39c37"),
-             ("95/5 mix\n-c 64", runs.get("mix.c64"), "#6a9f58"),
-             ("Zipf cold\n-c 64", runs.get("zipf.cold.c64"), "#8064a2")]
-    items = [(l, r, c) for l, r, c in items if r]
-    bars = ax.bar(range(len(items)), [r["rps"] for _, r, _ in items], color=[c for _, _, c in items])
-    ax.bar_label(bars, labels=[f"{r['rps'] / 1000:.1f}k" for _, r, _ in items], fontsize=7)
-    ax.set_xticks(range(len(items)), [l for l, _, _ in items], fontsize=8)
-    ax.set_ylabel("requests/s")
-    ax.set_title("Postgres-bound paths beside pgbench")
-
-    ax = axes[2]
-    items = [("single GET\n-c 64", runs.get("hit.c64"), "#2a7ab0"),
-             ("batch 100\n-c 64", runs.get("batch.c64"), "#1b4f72"),
-             ("batch 100\n-c 16", runs.get("batch.c16"), "#1b4f72")]
-    items = [(l, r, c) for l, r, c in items if r]
-    bars = ax.bar(range(len(items)), [r["items_per_s"] for _, r, _ in items], color=[c for _, _, c in items])
-    ax.bar_label(bars, labels=[f"{r['items_per_s'] / 1000:.0f}k" for _, r, _ in items], fontsize=7)
-    ax.set_xticks(range(len(items)), [l for l, _, _ in items], fontsize=8)
-    ax.set_ylabel("items/s")
-    ax.set_title("Cached items/s")
+    bar_panel(axes[1], [("pgbench -S\n-c 16", refs.get("pgbench.S.c16"), "#999999"),
+                        ("BYPASS\n-c 16", runs.get("miss.bypass.c16"), "#c0504d"),
+                        ("BYPASS\n-c 64", runs.get("miss.bypass.c64"), "#c0504d"),
+                        ("miss+fill\n-c 16", runs.get("cold.fill.c16"), "#e39c37"),
+                        ("95/5 mix\n-c 64", runs.get("mix.c64"), "#6a9f58"),
+                        ("Zipf cold\n-c 64", runs.get("zipf.cold.c64"), "#8064a2")],
+              "rps", "{:.1f}k", "requests/s", "Postgres-bound paths beside pgbench")
+    bar_panel(axes[2], [("single GET\n-c 64", runs.get("hit.c64"), "#2a7ab0"),
+                        ("batch 100\n-c 64", runs.get("batch.c64"), "#1b4f72"),
+                        ("batch 100\n-c 16", runs.get("batch.c16"), "#1b4f72")],
+              "items_per_s", "{:.0f}k", "items/s", "Cached items/s")
     fig.suptitle(f"itemcache throughput ({res['meta']['machine']['nproc']} cores, load generator on the same cores)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "throughput.png"), dpi=110)
