@@ -197,8 +197,8 @@ impl Slot {
     }
 }
 
-/// An HTTP worker's entry: its own slot, or none when every own connection of the budget
-/// was claimed before this worker asked (it then uses the shared ones).
+/// A thread's entry: an HTTP worker's own slot, or none for other threads and for a worker
+/// that asked after the budget of own connections was spent (they use the shared ones).
 struct Own {
     /// The thread it belongs to. `thread_local` hands a dead thread's entry to the next
     /// new thread (an actix worker that panicked is replaced): such an entry is reset, since
@@ -230,7 +230,8 @@ pub struct Connections {
 
 struct Inner {
     factory: deadpool_redis::Pool,
-    /// Each HTTP worker's own connection (a worker is a current-thread runtime).
+    /// Each thread's entry, made on its first command: whether it is an HTTP worker (a
+    /// current-thread runtime) is decided once, not per command.
     local: ThreadLocal<Own>,
     /// Own connections not claimed yet.
     unclaimed: AtomicUsize,
@@ -337,11 +338,9 @@ impl Connections {
     /// is connected in the background, on the worker); otherwise a shared one; `None` when
     /// none is connected (the caller goes on without the cache rather than wait).
     pub fn lend(&self) -> Option<(MultiplexedConnection, Lent<'_>)> {
-        if on_worker() {
-            let own = self.inner.local.get_or(|| self.claim());
-            if let Some(lent) = own.slot().and_then(|slot| self.try_lend(slot, false)) {
-                return Some(lent);
-            }
+        let own = self.inner.local.get_or(|| self.claim());
+        if let Some(lent) = own.slot().and_then(|slot| self.try_lend(slot, false)) {
+            return Some(lent);
         }
         let shared = &self.inner.shared;
         let start = NEXT.with(|n| {
@@ -356,13 +355,14 @@ impl Connections {
             .find_map(|slot| self.try_lend(slot, true))
     }
 
-    /// A worker's entry, with an own slot while the budget lasts.
+    /// This thread's entry: on an HTTP worker, with an own slot while the budget lasts.
     fn claim(&self) -> Own {
-        let claimed = self
-            .inner
-            .unclaimed
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
+        let claimed = on_worker()
+            && self
+                .inner
+                .unclaimed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
         Own {
             thread: AtomicU64::new(THREAD.with(|id| *id)),
             slot: claimed.then(|| Arc::new(Slot::empty())),
