@@ -2,6 +2,16 @@
 //!
 //! The binary links no libpq: migrations run through diesel-async's
 //! `AsyncConnectionWrapper` on a blocking thread, which works on any runtime.
+//!
+//! ## Where connections live
+//! A Postgres connection is two halves: the client the pool lends, and a driver task that
+//! writes queries and reads replies, spawned on whatever runtime made the connection. The
+//! pool makes connections lazily, inside the request that first needs one, so left alone
+//! the drivers would run on the actix workers, each on the worker that happened to need a
+//! new connection. On a graceful stop actix ends an idle worker's runtime first, and with it
+//! the drivers of connections that a busy worker is still using: an in-flight read then
+//! failed with 503. So every connection is made on the main runtime, which outlives every
+//! worker, and its driver runs there.
 
 use std::time::Duration;
 
@@ -27,22 +37,33 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbSetupError {
-    #[error("could not build the Postgres pool: {0}")]
-    Pool(String),
-    #[error("could not connect to Postgres to migrate: {0}")]
-    Connect(String),
-    #[error("migrations failed: {0}")]
-    Migrate(String),
+    #[error("could not build the Postgres pool")]
+    Pool(#[source] diesel_async::pooled_connection::deadpool::BuildError),
+    #[error("could not connect to Postgres to migrate")]
+    Connect(#[source] diesel::ConnectionError),
+    #[error("migrations failed")]
+    Migrate(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// The pool: `size` connections at most, every wait bounded.
+/// The pool: `size` connections at most, every wait bounded. Call it on the main runtime:
+/// connections are made there (see the module docs).
 pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbSetupError> {
     let mut config = ManagerConfig::default();
     // `Verified` (the default) sends a query on every checkout: one more round trip on
     // every miss. A dead connection fails its first real query instead, which the repo
     // classifies as "unavailable", and the pool drops it.
     config.recycling_method = RecyclingMethod::Fast;
-    config.custom_setup = Box::new(|url| Box::pin(connect(url.to_owned())));
+    let main = tokio::runtime::Handle::current();
+    config.custom_setup = Box::new(move |url| {
+        let made = main.spawn(connect(url.to_owned()));
+        Box::pin(async move {
+            made.await.unwrap_or_else(|e| {
+                Err(diesel::ConnectionError::BadConnection(format!(
+                    "connecting was cancelled: {e}"
+                )))
+            })
+        })
+    });
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     Pool::builder(manager)
@@ -52,7 +73,7 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbSetupError> {
         .recycle_timeout(Some(POOL_CREATE_TIMEOUT))
         .runtime(deadpool::Runtime::Tokio1)
         .build()
-        .map_err(|e| DbSetupError::Pool(e.to_string()))
+        .map_err(DbSetupError::Pool)
 }
 
 /// A new pooled connection, with the statement timeout set.
@@ -75,11 +96,11 @@ pub async fn run_migrations(database_url: &str) -> Result<usize, DbSetupError> {
     tokio::task::spawn_blocking(move || {
         let mut conn =
             <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&url)
-                .map_err(|e| DbSetupError::Connect(e.to_string()))?;
+                .map_err(DbSetupError::Connect)?;
         conn.run_pending_migrations(MIGRATIONS)
             .map(|applied| applied.len())
-            .map_err(|e| DbSetupError::Migrate(e.to_string()))
+            .map_err(DbSetupError::Migrate)
     })
     .await
-    .map_err(|e| DbSetupError::Migrate(e.to_string()))?
+    .map_err(|e| DbSetupError::Migrate(Box::new(e)))?
 }

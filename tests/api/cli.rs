@@ -172,3 +172,115 @@ async fn serve_stops_gracefully_on_sigterm() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// Waits until a backend of `database` other than ours is waiting for a lock.
+async fn a_read_waits_for_the_lock(app: &crate::support::TestApp) {
+    #[derive(diesel::QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = app.backends.connect(&app.database).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: Waiting = diesel_async::RunQueryDsl::get_result(
+            diesel::sql_query(
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ),
+            &mut conn,
+        )
+        .await
+        .unwrap();
+        if waiting.n > 0 {
+            return;
+        }
+        assert!(Instant::now() < until, "no read blocked on the lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A read inside Postgres when SIGTERM arrives still gets its answer (contract: in-flight
+/// requests finish). The pool's one connection is made by the worker that serves the first
+/// read; the held read lands on the other worker (actix hands new connections to workers in
+/// turn), so the worker that made the connection is idle when the stop begins and stops
+/// first. Its runtime must not take the connection's driver with it.
+#[tokio::test]
+async fn a_read_in_flight_at_sigterm_finishes() {
+    use diesel_async::RunQueryDsl;
+    let app = spawn_app().await;
+    let id = app.insert_items(1).await[0];
+    let port = free_port();
+    let mut child = itemcache(
+        &["serve"],
+        &[
+            ("DATABASE_URL", app.backends.pg.url(&app.database)),
+            ("REDIS_URL", app.backends.redis.url()),
+            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+            ("CACHE_ENABLED", "false".to_owned()),
+            ("DB_POOL_SIZE", "1".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ],
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    assert!(
+        wait_for_port(port, Duration::from_secs(20)),
+        "serve listens"
+    );
+    let url = format!("http://127.0.0.1:{port}/items/{id}");
+    // A client per request: each read comes on a new connection, so on another worker.
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let first = fresh().get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+
+    let mut locker = app.backends.connect(&app.database).await;
+    diesel::sql_query("BEGIN")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    diesel::sql_query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let url = url.clone();
+        async move { fresh().get(&url).send().await.map(|r| r.status().as_u16()) }
+    });
+    a_read_waits_for_the_lock(&app).await;
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    // Give the server time to stop its idle worker before the read can finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    diesel::sql_query("COMMIT")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        held.await.unwrap().ok(),
+        Some(200),
+        "the held read's answer"
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "serve did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
