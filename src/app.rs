@@ -11,12 +11,12 @@ use actix_web::{App, HttpServer, middleware::from_fn, web};
 use tokio::sync::watch;
 
 use crate::cache::{Cache, Connections};
-use crate::config::{Settings, WriteToken};
+use crate::config::Settings;
 use crate::db::{self, DbSetupError};
-use crate::http;
+use crate::http::{self, AppState};
 use crate::items::repo::ItemRepo;
 use crate::items::service::ItemService;
-use crate::metrics::{self, MetricsError, PoolName};
+use crate::metrics::{self, MetricsError};
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -29,31 +29,14 @@ pub enum StartupError {
     Db(#[from] DbSetupError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    #[error("REDIS_URL: {0}")]
-    Redis(String),
-    #[error("LISTEN_ADDR: could not listen on {addr}: {cause}")]
-    Bind { addr: String, cause: std::io::Error },
-}
-
-/// What every handler can reach: one cheap-to-clone handle.
-pub struct AppState {
-    pub service: ItemService,
-    pub write_token: Option<WriteToken>,
-    pub metrics: metrics::Exporter,
-}
-
-impl AppState {
-    /// Samples both pools into the pool gauges.
-    pub fn sample_pools(&self) {
-        let status = self.service.repo().pool().status();
-        let waiting = status.waiting;
-        let in_use = status.size.saturating_sub(status.available);
-        metrics::record_pool(PoolName::Postgres, status.available, in_use, waiting);
-        let (idle, busy) = self.service.cache().connections().usage();
-        // Redis requests never wait for a connection: a missing one is made in the
-        // background while the request goes on without the cache.
-        metrics::record_pool(PoolName::Redis, idle, busy, 0);
-    }
+    #[error("REDIS_URL: cannot make Redis connections from it")]
+    Redis(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("LISTEN_ADDR: could not listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        cause: std::io::Error,
+    },
 }
 
 pub struct Application {
@@ -72,11 +55,11 @@ impl Application {
 
         let factory = deadpool_redis::Config::from_url(settings.redis_url.clone())
             .builder()
-            .map_err(|e| StartupError::Redis(e.to_string()))?
+            .map_err(|e| StartupError::Redis(Box::new(e)))?
             .max_size(settings.redis_pool_size)
             .runtime(deadpool::Runtime::Tokio1)
             .build()
-            .map_err(|e| StartupError::Redis(e.to_string()))?;
+            .map_err(|e| StartupError::Redis(Box::new(e)))?;
         // Connecting may take longer than one command's deadline (TCP + HELLO), but not long.
         let connect_timeout = settings.redis_timeout.max(Duration::from_millis(500));
         let conns = Connections::new(
@@ -135,7 +118,7 @@ impl Application {
         let _ = stop_tx.send(true);
         let _ = upkeep.await;
         let _ = invalidations.await;
-        self.state.service.repo().pool().close();
+        self.state.service.close();
         served
     }
 }

@@ -2,12 +2,14 @@
 //! read-through), race-safe on writes, observable on `/metrics`.
 //!
 //! - [`config`]: every setting, read once and validated.
-//! - [`app`]: start-up and shutdown; [`app::AppState`] is what handlers reach.
-//! - [`http`]: routes, handlers, problem documents, headers, middleware.
+//! - [`app`]: start-up and shutdown.
+//! - [`http`]: routes, handlers, problem documents, headers, middleware; [`http::AppState`]
+//!   is what handlers reach.
 //! - [`items`]: the item model, its Postgres queries, and the cache-aside service.
 //! - [`cache`]: Redis entries and write stamps, coalescing, the circuit breaker, retries.
 //! - [`db`]: the Postgres pool and embedded migrations; [`seed`]: bulk demo data.
-//! - [`metrics`]: every metric name and label; [`telemetry`]: logs.
+//! - [`metrics`]: every metric name and label; [`telemetry`]: logs; [`report`]: an error
+//!   and its causes on one line.
 
 pub mod app;
 pub mod cache;
@@ -17,6 +19,7 @@ pub mod failpoints;
 pub mod http;
 pub mod items;
 pub mod metrics;
+pub mod report;
 pub mod schema;
 pub mod seed;
 pub mod telemetry;

@@ -6,13 +6,28 @@
 //! every [`RETRY_EVERY`]. What this cannot cover (another instance reading the old entry
 //! while this one cannot reach Redis; pending ids lost if this process dies) is bounded
 //! by the entry's TTL; `docs/cache-design.md` says more.
+//!
+//! Each queued id carries the generation of the latest write that queued it. A retry that
+//! lands clears the id only if no write queued it again while the retry was in flight:
+//!
+//! ```text
+//!   retry                               writer
+//!   takes (7, gen 1)
+//!   invalidate 7 -> ok (new stamp s2)
+//!                                       UPDATE 7; COMMIT; invalidate 7 -> fails
+//!                                       queue (7, gen 2)
+//!   clear 7 if still gen 1 -> kept      (the next pass invalidates after the 2nd write)
+//! ```
+//!
+//! Without the generation, the retry would clear the id that the second write queued, and
+//! a reader that noted s2 before the second write's commit could fill the old row.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::cache::Cache;
 use crate::items::model::ItemId;
 
 /// How often pending invalidations are retried: often enough that a recovered Redis is
@@ -22,36 +37,45 @@ pub const RETRY_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Default)]
 pub struct Pending {
-    ids: Mutex<HashSet<ItemId>>,
-    /// How many ids are pending: reads check this one atomic, and the set only when it
+    queued: Mutex<Queued>,
+    /// How many ids are pending: reads check this one atomic, and the map only when it
     /// is not zero (it is zero but during Redis outages).
     count: AtomicUsize,
 }
 
+#[derive(Default)]
+struct Queued {
+    /// Each pending id, with the generation of the latest write that queued it.
+    ids: HashMap<ItemId, u64>,
+    next_generation: u64,
+}
+
 impl Pending {
+    fn queued(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `id` for a write whose invalidation failed; a later write of an id already
+    /// queued gives it a new generation.
     pub fn add(&self, id: ItemId) {
-        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        if ids.insert(id) {
-            self.count.store(ids.len(), Ordering::Release);
-        }
+        let mut queued = self.queued();
+        queued.next_generation += 1;
+        let generation = queued.next_generation;
+        queued.ids.insert(id, generation);
+        self.count.store(queued.ids.len(), Ordering::Release);
     }
 
     /// Whether a write of `id` has not reached Redis yet.
     pub fn contains(&self, id: ItemId) -> bool {
-        self.count.load(Ordering::Acquire) != 0
-            && self
-                .ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&id)
+        self.count.load(Ordering::Acquire) != 0 && self.queued().ids.contains_key(&id)
     }
 
     pub fn any_of(&self, ids: &[ItemId]) -> bool {
         if self.count.load(Ordering::Acquire) == 0 {
             return false;
         }
-        let pending = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        ids.iter().any(|id| pending.contains(id))
+        let queued = self.queued();
+        ids.iter().any(|id| queued.ids.contains_key(id))
     }
 
     pub fn len(&self) -> usize {
@@ -62,32 +86,80 @@ impl Pending {
         self.len() == 0
     }
 
-    /// One pass: retries every pending invalidation until one fails (Redis is still not
-    /// answering; the next pass tries again). Returns how many landed.
-    pub async fn retry(&self, cache: &Cache) -> usize {
+    /// One pass: runs `invalidate` for every pending id until one fails (Redis is still
+    /// not answering; the next pass tries again). An id is cleared only if no write
+    /// queued it again meanwhile. Returns how many were cleared.
+    pub async fn retry<F, Fut, E>(&self, invalidate: F) -> usize
+    where
+        F: Fn(ItemId) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+    {
         if self.is_empty() {
             return 0;
         }
-        let ids: Vec<ItemId> = self
-            .ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect();
-        let mut landed = 0;
-        for id in ids {
-            if cache.invalidate(id).await.is_err() {
+        let snapshot: Vec<(ItemId, u64)> =
+            self.queued().ids.iter().map(|(&id, &g)| (id, g)).collect();
+        let mut cleared = 0;
+        for (id, generation) in snapshot {
+            if invalidate(id).await.is_err() {
                 break;
             }
-            let mut pending = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-            pending.remove(&id);
-            self.count.store(pending.len(), Ordering::Release);
-            landed += 1;
+            let mut queued = self.queued();
+            if queued.ids.get(&id) == Some(&generation) {
+                queued.ids.remove(&id);
+                cleared += 1;
+            }
+            self.count.store(queued.ids.len(), Ordering::Release);
         }
-        if landed > 0 && self.is_empty() {
-            tracing::info!(landed, "pending cache invalidations applied");
+        if cleared > 0 && self.is_empty() {
+            tracing::info!(cleared, "pending cache invalidations applied");
         }
-        landed
+        cleared
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: i64) -> ItemId {
+        ItemId::new(n).expect("a valid id")
+    }
+
+    /// The interleaving in the module docs, forced: a second write of id 7 fails to
+    /// invalidate while the retry of the first is in flight.
+    #[tokio::test]
+    async fn a_write_queued_during_a_retry_stays_queued() {
+        let pending = Pending::default();
+        pending.add(id(7));
+        pending.add(id(8));
+        let cleared = pending
+            .retry(|n| {
+                if n == id(7) {
+                    // The second write's invalidation failed just now.
+                    pending.add(id(7));
+                }
+                async { Ok::<(), ()>(()) }
+            })
+            .await;
+        assert_eq!(cleared, 1, "only id 8 is cleared");
+        assert!(
+            pending.contains(id(7)),
+            "the second write's invalidation is still owed"
+        );
+        assert!(!pending.contains(id(8)));
+        assert_eq!(pending.len(), 1);
+
+        let cleared = pending.retry(|_| async { Ok::<(), ()>(()) }).await;
+        assert_eq!((cleared, pending.len()), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_failed_retry_keeps_the_id() {
+        let pending = Pending::default();
+        pending.add(id(3));
+        let cleared = pending.retry(|_| async { Err::<(), ()>(()) }).await;
+        assert_eq!(cleared, 0);
+        assert!(pending.contains(id(3)));
     }
 }

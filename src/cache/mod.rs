@@ -3,6 +3,7 @@
 //! keys; *when* to use them is `items::service`'s decision.
 
 pub mod breaker;
+pub mod connections;
 pub mod invalidation;
 pub mod redis;
 pub mod singleflight;
@@ -18,7 +19,8 @@ use rand::Rng;
 use crate::cache::breaker::{Breaker, Permit};
 use crate::items::model::ItemId;
 use crate::metrics::{self, CacheOp};
-pub use redis::{Cached, Connections, Entry, Keys};
+pub use connections::Connections;
+pub use redis::{Cached, Entry, Keys};
 
 /// How long a write's stamp is kept. It must outlive any read in flight when the write
 /// happened (reads take seconds at most: pool and Redis deadlines bound them); a day is
@@ -34,8 +36,12 @@ pub enum CacheError {
     NoConnection,
     #[error("redis is failing: circuit open")]
     CircuitOpen,
-    #[error("redis error: {0}")]
-    Redis(String),
+    #[error("redis error")]
+    Redis(#[source] Arc<::redis::RedisError>),
+    /// Redis answered, but not with what the command returns (another program's key, a
+    /// proxy in between).
+    #[error("unexpected reply to {0}")]
+    UnexpectedReply(&'static str),
 }
 
 /// The write stamp a reader noted before reading Postgres; empty when the id was never
@@ -100,9 +106,7 @@ impl Cache {
             Value::Array(values) if values.len() == ids.len() => {
                 Ok(values.into_iter().map(entry_of).collect())
             }
-            other => Err(CacheError::Redis(format!(
-                "unexpected MGET reply {other:?}"
-            ))),
+            _ => Err(CacheError::UnexpectedReply("MGET")),
         }
     }
 
@@ -121,9 +125,7 @@ impl Cache {
                     _ => Stamp::default(),
                 })
                 .collect()),
-            other => Err(CacheError::Redis(format!(
-                "unexpected MGET reply {other:?}"
-            ))),
+            _ => Err(CacheError::UnexpectedReply("MGET")),
         }
     }
 
@@ -161,10 +163,16 @@ impl Cache {
             .map(drop)
     }
 
-    /// `PING`, for `/readyz`.
+    /// `PING`, for `/readyz`: its own `op` label, and outside the circuit breaker, so that
+    /// a readiness probe neither counts as a read nor opens (or closes) the circuit.
     pub async fn ping(&self) -> Result<(), CacheError> {
         let cmd = ::redis::cmd("PING");
-        self.run(CacheOp::Get, &cmd).await.map(drop)
+        let started = Instant::now();
+        let result = self
+            .send(|mut conn| async move { cmd.query_async::<Value>(&mut conn).await })
+            .await;
+        self.account(CacheOp::Ping, started, &result);
+        result.map(drop)
     }
 
     /// Whether the circuit breaker has stopped sending calls to Redis.
@@ -190,9 +198,7 @@ impl Cache {
         .await
     }
 
-    /// One Redis call: through the breaker, on a lent connection, under the deadline;
-    /// timed and counted. A connection that failed or hung is replaced, since a frozen
-    /// peer would otherwise hang every command sent on it.
+    /// One Redis call: through the breaker, timed and counted.
     async fn call<T, F, Fut>(&self, op: CacheOp, send: F) -> Result<T, CacheError>
     where
         F: FnOnce(::redis::aio::MultiplexedConnection) -> Fut,
@@ -204,28 +210,38 @@ impl Cache {
             return Err(CacheError::CircuitOpen);
         }
         let started = Instant::now();
-        let result = match self.conns.lend() {
-            None => Err(CacheError::NoConnection),
-            Some((conn, lent)) => match tokio::time::timeout(self.timeout, send(conn)).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => {
-                    if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-                        self.conns.discard(&lent);
-                    }
-                    Err(CacheError::Redis(e.to_string()))
-                }
-                Err(_) => {
-                    self.conns.discard(&lent);
-                    Err(CacheError::Timeout(self.timeout))
-                }
-            },
-        };
+        let result = self.send(send).await;
         match &result {
             Ok(_) => self.breaker.succeeded(permit),
             Err(_) => self.breaker.failed(permit),
         }
         self.account(op, started, &result);
         result
+    }
+
+    /// Sends on a lent connection under the deadline. A connection that failed or hung is
+    /// replaced, since a frozen peer would otherwise hang every command sent on it.
+    async fn send<T, F, Fut>(&self, send: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(::redis::aio::MultiplexedConnection) -> Fut,
+        Fut: Future<Output = ::redis::RedisResult<T>>,
+    {
+        let Some((conn, lent)) = self.conns.lend() else {
+            return Err(CacheError::NoConnection);
+        };
+        match tokio::time::timeout(self.timeout, send(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    self.conns.discard(&lent);
+                }
+                Err(CacheError::Redis(Arc::new(e)))
+            }
+            Err(_) => {
+                self.conns.discard(&lent);
+                Err(CacheError::Timeout(self.timeout))
+            }
+        }
     }
 
     fn account<T>(&self, op: CacheOp, started: Instant, result: &Result<T, CacheError>) {

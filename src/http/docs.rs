@@ -9,7 +9,7 @@ use actix_web::{HttpResponse, web};
 use bytes::Bytes;
 use utoipa_swagger_ui::Config;
 
-use crate::app::AppState;
+use crate::http::AppState;
 use crate::http::errors::ApiError;
 use crate::http::openapi;
 

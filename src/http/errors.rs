@@ -108,13 +108,13 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::NotFound => ApiError::ItemNotFound,
             ServiceError::VersionConflict => ApiError::VersionConflict,
-            ServiceError::DatabaseUnavailable(cause) => {
-                tracing::debug!(error = %cause, "answering 503: postgres unavailable");
+            ServiceError::DatabaseUnavailable(_) => {
+                tracing::debug!(error = %crate::report::chain(&e), "answering 503: postgres unavailable");
                 ApiError::DatabaseUnavailable
             }
             ServiceError::Overloaded => ApiError::Overloaded,
-            ServiceError::Database(cause) => {
-                tracing::error!(error = %cause, "database error");
+            ServiceError::Database(_) | ServiceError::Unanswered(_) => {
+                tracing::error!(error = %crate::report::chain(&e), "database error");
                 ApiError::Internal
             }
         }
@@ -122,15 +122,31 @@ impl From<ServiceError> for ApiError {
 }
 
 /// The problem document (RFC 9457), plus `code` and, for 422, the field errors.
-#[derive(Serialize)]
-struct Problem<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(
+    description = "An RFC 9457 problem document: the body of every error.",
+    example = json!({
+        "type": "urn:itemcache:problem:item_not_found", "title": "Item not found",
+        "status": 404, "detail": "no item has this id", "code": "item_not_found"
+    })
+)]
+pub(crate) struct Problem<'a> {
+    /// `urn:itemcache:problem:` and the code.
     #[serde(rename = "type")]
+    #[schema(pattern = "^urn:itemcache:problem:[a-z][a-z_]*$")]
     kind: String,
     title: &'a str,
+    /// The response's status.
+    #[schema(minimum = 400, maximum = 599)]
     status: u16,
+    /// What went wrong, for a person.
     detail: String,
+    /// Stable snake_case: what clients branch on.
+    #[schema(pattern = "^[a-z][a-z_]*$")]
     code: &'a str,
+    /// `validation_failed` only: every field's problem.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     errors: Option<&'a [FieldError]>,
 }
 

@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::http::AppState;
 use crate::http::openapi;
 
 /// Liveness
@@ -21,10 +21,14 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-#[derive(Serialize)]
-struct Readiness {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(description = "`GET /readyz`: whether the service can serve.")]
+pub(crate) struct Readiness {
+    #[schema(value_type = openapi::ReadinessStatus)]
     status: &'static str,
+    #[schema(value_type = openapi::Backend)]
     postgres: &'static str,
+    #[schema(value_type = openapi::Backend)]
     redis: &'static str,
 }
 
@@ -42,7 +46,7 @@ struct Readiness {
     ),
 )]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let (postgres, redis) = tokio::join!(state.service.repo().ping(), state.service.cache().ping());
+    let (postgres, redis) = tokio::join!(state.service.ping_postgres(), state.service.ping_redis());
     let readiness = Readiness {
         status: match (&postgres, &redis) {
             (Err(_), _) => "unavailable",

@@ -4,7 +4,7 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::app::AppState;
+use crate::http::AppState;
 use crate::http::body::JsonBody;
 use crate::http::errors::ApiError;
 use crate::http::headers::{self, SERVER_TIMING, X_CACHE};

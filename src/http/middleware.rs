@@ -12,7 +12,7 @@ use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpRequest, web};
 use tracing::Instrument;
 
-use crate::app::AppState;
+use crate::http::AppState;
 use crate::http::ROUTES;
 use crate::http::errors::ApiError;
 use crate::http::headers::{X_CACHE, X_REQUEST_ID};

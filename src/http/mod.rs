@@ -8,6 +8,9 @@ pub mod health;
 pub mod items;
 pub mod middleware;
 pub mod openapi;
+pub mod state;
+
+pub use state::AppState;
 
 use actix_web::web;
 

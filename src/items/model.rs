@@ -43,17 +43,34 @@ impl fmt::Display for ItemId {
 }
 
 /// An item as stored and as served.
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Serialize, utoipa::ToSchema)]
 #[diesel(table_name = items, check_for_backend(diesel::pg::Pg))]
+#[schema(
+    description = "An item, as every read and write returns it.",
+    example = json!({
+        "id": 42, "name": "Widget", "description": "A widget.", "price_cents": 1999,
+        "version": 3, "created_at": "2026-11-24T10:00:00.123456Z",
+        "updated_at": "2026-11-24T10:05:00.654321Z"
+    })
+)]
 pub struct Item {
+    #[schema(minimum = 1)]
     pub id: i64,
+    /// Not blank.
+    #[schema(min_length = 1)]
     pub name: String,
     pub description: String,
+    #[schema(minimum = 0)]
     pub price_cents: i64,
+    /// 1 when created, one more on each update. The `ETag` is this number in quotes.
+    #[schema(minimum = 1)]
     pub version: i64,
+    /// UTC, microseconds.
     #[serde(serialize_with = "rfc3339_micros")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339_micros")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -82,8 +99,9 @@ impl ItemJson {
 }
 
 /// One field's problem, listed in a 422 `validation_failed`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
+    /// The field's name; "" for the body as a whole.
     pub field: String,
     pub message: String,
 }

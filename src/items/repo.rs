@@ -16,38 +16,89 @@ use crate::items::model::{Item, ItemId, ItemPatch, NewItem};
 use crate::metrics::{self, DbQuery};
 use crate::schema::items;
 
+/// What a failed Postgres operation was caused by; shared (`Arc`) because one load's
+/// failure answers every reader coalesced on it.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
 /// Why a query did not answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RepoError {
-    /// No connection could be had in time, or it broke: Postgres is down or overloaded.
-    #[error("postgres unavailable: {0}")]
-    Unavailable(String),
+    /// No connection could be had in time, or Postgres could not run the statement for a
+    /// while (down, restarting, failing over, overloaded, a statement timeout): retry later.
+    #[error("postgres unavailable")]
+    Unavailable(#[source] Cause),
     /// Too many Postgres operations are waiting already: shed this one now rather than
     /// queue it until its client gives up.
     #[error("too many postgres operations in flight")]
     Overloaded,
     /// Postgres answered with an error: a bug or a broken schema, not an outage.
-    #[error("query failed: {0}")]
-    Query(String),
+    #[error("query failed")]
+    Query(#[source] Cause),
 }
 
 impl From<diesel_async::pooled_connection::deadpool::PoolError> for RepoError {
     fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
-        RepoError::Unavailable(e.to_string())
+        // Every way of not getting a connection (wait or create timeout, refused, too many
+        // clients, the server starting up or shutting down) is an outage.
+        RepoError::Unavailable(Arc::new(e))
     }
 }
 
 impl From<DieselError> for RepoError {
     fn from(e: DieselError) -> Self {
-        match &e {
-            DieselError::DatabaseError(
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
-                _,
-            ) => RepoError::Unavailable(e.to_string()),
-            _ => RepoError::Query(e.to_string()),
+        if outage(&e) {
+            RepoError::Unavailable(Arc::new(e))
+        } else {
+            RepoError::Query(Arc::new(e))
         }
     }
 }
+
+/// Whether a statement failed because Postgres could not serve it for a while, rather than
+/// because of the statement.
+///
+/// diesel-async keeps the SQLSTATE only as a [`DatabaseErrorKind`] for eight codes (here:
+/// 25006 `read_only_sql_transaction`, met during a failover) and drops it for the rest, so
+/// the others are known by the server's message (English, as Postgres sends them unless
+/// `lc_messages` is changed; `docs/cache-design.md` lists that assumption). Connection-time
+/// failures (57P03 `cannot_connect_now`, 53300 `too_many_connections`) arrive as pool errors
+/// and are outages there.
+fn outage(e: &DieselError) -> bool {
+    let DieselError::DatabaseError(kind, info) = e else {
+        return false;
+    };
+    match kind {
+        DatabaseErrorKind::ClosedConnection
+        | DatabaseErrorKind::UnableToSendCommand
+        | DatabaseErrorKind::ReadOnlyTransaction => true,
+        _ => OUTAGE_MESSAGES
+            .iter()
+            .any(|(_, start)| info.message().starts_with(start)),
+    }
+}
+
+/// SQLSTATEs that mean "not now", with the start of the message Postgres sends for each.
+const OUTAGE_MESSAGES: &[(&str, &str)] = &[
+    // query_canceled: our statement_timeout, or an operator's pg_cancel_backend.
+    ("57014", "canceling statement due to"),
+    // admin_shutdown (fast shutdown, pg_terminate_backend), crash_shutdown.
+    (
+        "57P01",
+        "terminating connection due to administrator command",
+    ),
+    (
+        "57P02",
+        "terminating connection because of crash of another server process",
+    ),
+    // cannot_connect_now: starting up, shutting down, in recovery.
+    ("57P03", "the database system is"),
+    // too_many_connections.
+    ("53300", "sorry, too many clients already"),
+    ("53300", "too many connections for"),
+    ("53300", "remaining connection slots are reserved"),
+    // lock_not_available (lock_timeout): the row is busy, not broken.
+    ("55P03", "canceling statement due to lock timeout"),
+];
 
 /// What an update or delete guarded by `If-Match` came to.
 #[derive(Debug)]
@@ -252,5 +303,82 @@ impl ItemRepo {
             .get_result::<i32>(&mut conn)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn database_error(kind: DatabaseErrorKind, message: &str) -> DieselError {
+        DieselError::DatabaseError(kind, Box::new(message.to_owned()))
+    }
+
+    #[test]
+    fn outages_are_told_from_bugs() {
+        use DatabaseErrorKind::*;
+        let outages = [
+            (Unknown, "canceling statement due to statement timeout"),
+            (Unknown, "canceling statement due to user request"),
+            (Unknown, "canceling statement due to lock timeout"),
+            (
+                Unknown,
+                "terminating connection due to administrator command",
+            ),
+            (
+                Unknown,
+                "terminating connection because of crash of another server process",
+            ),
+            (Unknown, "the database system is starting up"),
+            (Unknown, "the database system is shutting down"),
+            (Unknown, "the database system is in recovery mode"),
+            (Unknown, "sorry, too many clients already"),
+            (Unknown, "too many connections for role \"app\""),
+            (
+                ReadOnlyTransaction,
+                "cannot execute UPDATE in a read-only transaction",
+            ),
+            (
+                ClosedConnection,
+                "server closed the connection unexpectedly",
+            ),
+            (UnableToSendCommand, "connection closed"),
+        ];
+        for (kind, message) in outages {
+            let error = RepoError::from(database_error(kind, message));
+            assert!(
+                matches!(error, RepoError::Unavailable(_)),
+                "{message}: {error:?}"
+            );
+        }
+        let bugs = [
+            (Unknown, "relation \"items\" does not exist"),
+            (Unknown, "syntax error at or near \"SELEC\""),
+            (
+                UniqueViolation,
+                "duplicate key value violates unique constraint",
+            ),
+            (
+                CheckViolation,
+                "new row for relation \"items\" violates check constraint",
+            ),
+            (SerializationFailure, "could not serialize access"),
+        ];
+        for (kind, message) in bugs {
+            let error = RepoError::from(database_error(kind, message));
+            assert!(matches!(error, RepoError::Query(_)), "{message}: {error:?}");
+        }
+        assert!(matches!(
+            RepoError::from(DieselError::NotFound),
+            RepoError::Query(_)
+        ));
+    }
+
+    #[test]
+    fn every_listed_sqlstate_is_an_outage() {
+        for (code, message) in OUTAGE_MESSAGES {
+            let error = RepoError::from(database_error(DatabaseErrorKind::Unknown, message));
+            assert!(matches!(error, RepoError::Unavailable(_)), "{code}");
+        }
     }
 }

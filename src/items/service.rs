@@ -10,13 +10,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
 use crate::cache::invalidation::Pending;
 use crate::cache::singleflight::Flights;
-use crate::cache::{Cache, Cached, Entry, Fill, Stamp};
+use crate::cache::{Cache, CacheError, Cached, Entry, Fill, Stamp};
 use crate::config::{CacheMode, Settings};
 use crate::failpoints;
 use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
@@ -30,20 +31,23 @@ pub enum ServiceError {
     NotFound,
     #[error("the item is at another version")]
     VersionConflict,
-    #[error("postgres is unavailable: {0}")]
-    DatabaseUnavailable(String),
+    #[error("postgres is unavailable")]
+    DatabaseUnavailable(#[source] RepoError),
     #[error("too many postgres operations in flight")]
     Overloaded,
-    #[error("database error: {0}")]
-    Database(String),
+    #[error("database error")]
+    Database(#[source] RepoError),
+    /// A load gave no answer for an id it was given: a bug.
+    #[error("no answer was loaded for item {0}")]
+    Unanswered(ItemId),
 }
 
 impl From<RepoError> for ServiceError {
     fn from(e: RepoError) -> Self {
         match e {
-            RepoError::Unavailable(cause) => ServiceError::DatabaseUnavailable(cause),
+            RepoError::Unavailable(_) => ServiceError::DatabaseUnavailable(e),
             RepoError::Overloaded => ServiceError::Overloaded,
-            RepoError::Query(cause) => ServiceError::Database(cause),
+            RepoError::Query(_) => ServiceError::Database(e),
         }
     }
 }
@@ -63,6 +67,16 @@ pub struct Lookup<T> {
     pub timing: Timing,
 }
 
+impl<T> Lookup<T> {
+    fn new(value: T, status: CacheStatus, cache: Duration, db: Option<Duration>) -> Lookup<T> {
+        Lookup {
+            value,
+            status,
+            timing: Timing { cache, db },
+        }
+    }
+}
+
 /// A batch read's answer: found items in request order, and the ids that do not exist.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -71,9 +85,15 @@ pub struct Batch {
 }
 
 /// A keyset page of the listing: `next_after_id` is `None` on the last page.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[schema(
+    description = "A page, by id: pass `next_after_id` as `after_id` for the next page; \
+        `null` on the last.",
+    example = json!({"items": [], "next_after_id": null})
+)]
 pub struct Page {
     pub items: Vec<Item>,
+    #[schema(required = true, minimum = 1)]
     pub next_after_id: Option<i64>,
 }
 
@@ -88,6 +108,18 @@ type Loaded = Result<Option<ItemJson>, ServiceError>;
 
 /// The write stamps a reader noted before loading; `None` when it will not fill.
 type Noted = Option<HashMap<ItemId, Stamp>>;
+
+/// What a load in flight is tagged with; a reader joins only a load with its own tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tag {
+    /// The write stamp the load's leader noted: a reader that noted the same stamp knows
+    /// that no write came between the leader's note and its own.
+    Stamped(Stamp),
+    /// A load that will not fill (cache off, Redis failing), numbered so that no other
+    /// reader joins it: without a stamp a reader cannot tell whether the load began
+    /// before a write that another instance acknowledged before this reader started.
+    Unstamped(u64),
+}
 
 /// Cache TTLs, from the settings.
 #[derive(Debug, Clone)]
@@ -120,9 +152,10 @@ struct Inner {
     cache: Cache,
     mode: CacheMode,
     ttls: Ttls,
-    /// Loads in flight, tagged with the write stamp their leader noted (`None` for loads
-    /// that do not fill: cache disabled or failing).
-    flights: Flights<ItemId, Option<Stamp>, Loaded>,
+    /// Loads in flight, tagged (see [`Tag`]).
+    flights: Flights<ItemId, Tag, Loaded>,
+    /// Numbers unstamped loads.
+    unstamped: AtomicU64,
     /// Ids whose invalidation has not reached Redis yet: their cache entries are not
     /// trusted on this instance.
     pending: Pending,
@@ -141,143 +174,105 @@ impl ItemService {
                     negative: settings.cache_negative_ttl,
                     stale: settings.cache_stale,
                 },
-                flights: Flights::new(LINGER, |noted, answer| noted.is_some() && answer.is_ok()),
+                flights: Flights::new(LINGER, |tag, answer| {
+                    matches!(tag, Tag::Stamped(_)) && answer.is_ok()
+                }),
+                unstamped: AtomicU64::new(0),
                 pending: Pending::default(),
             }),
         }
     }
 
-    pub fn repo(&self) -> &ItemRepo {
-        &self.inner.repo
-    }
-
-    pub fn cache(&self) -> &Cache {
-        &self.inner.cache
+    /// Whether the cache may answer for `ids`: it is on, and no write of any of them is
+    /// still waiting for its invalidation to reach Redis.
+    fn trusts_cache(&self, ids: &[ItemId]) -> bool {
+        self.inner.mode == CacheMode::Enabled && !self.inner.pending.any_of(ids)
     }
 
     /// Cache-aside read of one item. `value: None` is a "not found", cached like an item.
     #[tracing::instrument(skip_all, fields(item.id = %id))]
     pub async fn get(&self, id: ItemId) -> Result<Lookup<Option<ItemJson>>, ServiceError> {
-        let inner = &self.inner;
-        // Cache off, or a write of this id not yet invalidated in Redis: do not trust it.
-        if inner.mode == CacheMode::Disabled || inner.pending.contains(id) {
-            return self
-                .load_one(id, None, CacheStatus::Bypass, Duration::ZERO)
-                .await;
+        if !self.trusts_cache(&[id]) {
+            return self.load_one(id, None, Duration::ZERO).await;
         }
         let started = Instant::now();
-        let cached = inner.cache.get(id).await;
+        let cached = self.inner.cache.get(id).await;
         let cache_time = started.elapsed();
         match cached {
             // Redis down or past its deadline (counted in cache/): answer from Postgres.
-            Err(_) => {
-                self.load_one(id, None, CacheStatus::Bypass, cache_time)
-                    .await
-            }
+            Err(_) => self.load_one(id, None, cache_time).await,
             Ok(Some(entry)) if entry.is_fresh(now_ms()) => {
                 metrics::record_lookups(CacheStatus::Hit, 1);
-                Ok(Lookup {
-                    value: item_of(entry),
-                    status: CacheStatus::Hit,
-                    timing: Timing {
-                        cache: cache_time,
-                        db: None,
-                    },
-                })
+                Ok(Lookup::new(
+                    item_of(entry),
+                    CacheStatus::Hit,
+                    cache_time,
+                    None,
+                ))
             }
-            Ok(stale) => {
-                self.load_one(id, stale, CacheStatus::Miss, cache_time)
-                    .await
-            }
+            Ok(stale) => self.load_one(id, Some(stale), cache_time).await,
         }
     }
 
-    /// The write stamps of `ids`, noted before a load; `None` if Redis failed just now
-    /// (the load then reads without filling).
-    async fn note_stamps(&self, ids: &[ItemId]) -> Noted {
-        let stamps = self.inner.cache.stamps(ids).await.ok()?;
-        Some(ids.iter().copied().zip(stamps).collect())
-    }
-
-    /// Loads one id through the flights; falls back to `stale` if Postgres is down.
+    /// Loads one id through the flights. `looked`: what the cache had for it (`None`: the
+    /// cache was not read, so the load does not fill).
     async fn load_one(
         &self,
         id: ItemId,
-        stale: Option<Entry>,
-        status: CacheStatus,
+        looked: Option<Option<Entry>>,
         cache_time: Duration,
     ) -> Result<Lookup<Option<ItemJson>>, ServiceError> {
         let started = Instant::now();
-        let noted = match status {
-            CacheStatus::Miss => self.note_stamps(&[id]).await,
-            _ => None,
-        };
+        let (noted, status) = self.note_if(looked.is_some(), &[id]).await;
         let mut loaded = self.load(&[id], noted).await;
         let db = Some(started.elapsed());
-        let result = loaded.remove(&id).unwrap_or(Err(ServiceError::NotFound));
-        let (value, status) = match (result, stale) {
-            (Ok(value), _) => (value, status),
-            // Postgres is down or shedding: an entry within CACHE_STALE_SECS beats a 503.
-            (Err(ServiceError::DatabaseUnavailable(_) | ServiceError::Overloaded), Some(entry)) => {
-                (item_of(entry), CacheStatus::Stale)
-            }
-            (Err(e), _) => return Err(e),
-        };
+        let stale = looked.flatten();
+        let (value, status) = settle(answer(&mut loaded, id), stale, status)?;
         metrics::record_lookups(status, 1);
-        Ok(Lookup {
-            value,
-            status,
-            timing: Timing {
-                cache: cache_time,
-                db,
-            },
-        })
+        Ok(Lookup::new(value, status, cache_time, db))
+    }
+
+    /// Notes the write stamps of `ids` before a load, if the cache was read: the load then
+    /// fills, and its answer is a `MISS`. Otherwise, or if Redis failed just now, the load
+    /// reads without filling: `BYPASS`.
+    async fn note_if(&self, cache_read: bool, ids: &[ItemId]) -> (Noted, CacheStatus) {
+        if !cache_read {
+            return (None, CacheStatus::Bypass);
+        }
+        match self.inner.cache.stamps(ids).await {
+            Ok(stamps) => (
+                Some(ids.iter().copied().zip(stamps).collect()),
+                CacheStatus::Miss,
+            ),
+            Err(_) => (None, CacheStatus::Bypass),
+        }
     }
 
     /// Batch read: `ids` distinct, answered in their order. One `MGET` for all ids and at
     /// most one Postgres query for all that were not fresh in the cache.
     #[tracing::instrument(skip_all, fields(item.count = ids.len()))]
     pub async fn get_many(&self, ids: &[ItemId]) -> Result<Lookup<Batch>, ServiceError> {
-        let inner = &self.inner;
         let started = Instant::now();
-        // Cache off, or a write of one of these ids not yet invalidated in Redis: do not
-        // trust it for any of them.
-        let trusted = inner.mode == CacheMode::Enabled && !inner.pending.any_of(ids);
-        let cached = if trusted {
-            inner.cache.mget(ids).await.ok()
+        let cached = if self.trusts_cache(ids) {
+            self.inner.cache.mget(ids).await.ok()
         } else {
             None
         };
         let cache_time = started.elapsed();
-        let Some(cached) = cached else {
-            // Cache disabled, or Redis failed: every id from Postgres.
-            let started = Instant::now();
-            let mut loaded = self.load(ids, None).await;
-            let db = Some(started.elapsed());
-            let mut answers = Vec::with_capacity(ids.len());
-            for id in ids {
-                answers.push(loaded.remove(id).unwrap_or(Ok(None))?);
-            }
-            metrics::record_lookups(CacheStatus::Bypass, ids.len());
-            return Ok(Lookup {
-                value: batch_of(ids, answers),
-                status: CacheStatus::Bypass,
-                timing: Timing {
-                    cache: cache_time,
-                    db,
-                },
-            });
-        };
 
-        let now = now_ms();
-        let mut answers: Vec<Option<Option<ItemJson>>> = Vec::with_capacity(ids.len());
+        // Fresh entries answer; every other id is loaded, with its stale entry if any.
+        let mut answers: HashMap<ItemId, Option<ItemJson>> = HashMap::with_capacity(ids.len());
         let mut stale: HashMap<ItemId, Entry> = HashMap::new();
         let mut to_load = Vec::new();
-        for (&id, entry) in ids.iter().zip(cached) {
-            match entry {
-                Some(entry) if entry.is_fresh(now) => answers.push(Some(item_of(entry))),
+        let now = now_ms();
+        let cache_read = cached.is_some();
+        let mut entries = cached.map(Vec::into_iter);
+        for &id in ids {
+            match entries.as_mut().and_then(Iterator::next).flatten() {
+                Some(entry) if entry.is_fresh(now) => {
+                    answers.insert(id, item_of(entry));
+                }
                 other => {
-                    answers.push(None);
                     to_load.push(id);
                     if let Some(entry) = other {
                         stale.insert(id, entry);
@@ -285,60 +280,24 @@ impl ItemService {
                 }
             }
         }
-        let hits = ids.len() - to_load.len();
-        metrics::record_lookups(CacheStatus::Hit, hits);
-        if to_load.is_empty() {
-            return Ok(Lookup {
-                value: batch_of(ids, answers.into_iter().flatten().collect()),
-                status: CacheStatus::Hit,
-                timing: Timing {
-                    cache: cache_time,
-                    db: None,
-                },
-            });
-        }
+        let mut statuses = Statuses::default();
+        statuses.add(CacheStatus::Hit, answers.len());
 
-        let started = Instant::now();
-        let noted = self.note_stamps(&to_load).await;
-        let mut loaded = self.load(&to_load, noted).await;
-        let db = Some(started.elapsed());
-        let (mut misses, mut stales) = (0, 0);
-        for (&id, answer) in ids.iter().zip(answers.iter_mut()) {
-            if answer.is_some() {
-                continue;
+        let mut db = None;
+        if !to_load.is_empty() {
+            let started = Instant::now();
+            let (noted, status) = self.note_if(cache_read, &to_load).await;
+            let mut loaded = self.load(&to_load, noted).await;
+            db = Some(started.elapsed());
+            for id in to_load {
+                let (value, status) = settle(answer(&mut loaded, id), stale.remove(&id), status)?;
+                statuses.add(status, 1);
+                answers.insert(id, value);
             }
-            *answer = Some(
-                match (loaded.remove(&id).unwrap_or(Ok(None)), stale.remove(&id)) {
-                    (Ok(value), _) => {
-                        misses += 1;
-                        value
-                    }
-                    (
-                        Err(ServiceError::DatabaseUnavailable(_) | ServiceError::Overloaded),
-                        Some(entry),
-                    ) => {
-                        stales += 1;
-                        item_of(entry)
-                    }
-                    (Err(e), _) => return Err(e),
-                },
-            );
         }
-        metrics::record_lookups(CacheStatus::Miss, misses);
-        metrics::record_lookups(CacheStatus::Stale, stales);
-        let status = if misses > 0 {
-            CacheStatus::Miss
-        } else {
-            CacheStatus::Stale
-        };
-        Ok(Lookup {
-            value: batch_of(ids, answers.into_iter().flatten().collect()),
-            status,
-            timing: Timing {
-                cache: cache_time,
-                db,
-            },
-        })
+        statuses.record();
+        let batch = batch_of(ids, answers);
+        Ok(Lookup::new(batch, statuses.batch(), cache_time, db))
     }
 
     /// Loads `ids` from Postgres, coalesced with concurrent loads of the same ids.
@@ -348,14 +307,15 @@ impl ItemService {
     /// new as any write acknowledged before we started.
     async fn load(&self, ids: &[ItemId], noted: Noted) -> HashMap<ItemId, Loaded> {
         let noted = noted.as_ref();
+        let unstamped = self.inner.unstamped.fetch_add(1, Ordering::Relaxed);
+        let tag = |id: &ItemId| match noted.and_then(|n| n.get(id)) {
+            Some(stamp) => Tag::Stamped(stamp.clone()),
+            None => Tag::Unstamped(unstamped),
+        };
         let landed = self
             .inner
             .flights
-            .run(
-                ids,
-                |id| noted.and_then(|n| n.get(id)).cloned(),
-                |keys| self.load_and_fill(keys, noted),
-            )
+            .run(ids, tag, |keys| self.load_and_fill(keys, noted))
             .await;
         if landed.coalesced > 0 {
             metrics::record_coalesced(landed.coalesced);
@@ -504,13 +464,62 @@ impl ItemService {
 
     /// Retries the invalidations that failed; called periodically by the application.
     pub async fn retry_invalidations(&self) -> usize {
-        self.inner.pending.retry(&self.inner.cache).await
+        let cache = &self.inner.cache;
+        self.inner.pending.retry(|id| cache.invalidate(id)).await
     }
 
     /// How many invalidations wait for Redis.
     pub fn pending_invalidations(&self) -> usize {
         self.inner.pending.len()
     }
+
+    /// `SELECT 1` on a pooled connection, for `/readyz`.
+    pub async fn ping_postgres(&self) -> Result<(), RepoError> {
+        self.inner.repo.ping().await
+    }
+
+    /// `PING` to Redis, for `/readyz`; outside the read metrics and the circuit breaker.
+    pub async fn ping_redis(&self) -> Result<(), CacheError> {
+        self.inner.cache.ping().await
+    }
+
+    /// How the connection pools are used, for the pool gauges.
+    pub fn pool_usage(&self) -> PoolUsage {
+        let status = self.inner.repo.pool().status();
+        let (idle, in_use) = self.inner.cache.connections().usage();
+        PoolUsage {
+            postgres: Usage {
+                idle: status.available,
+                in_use: status.size.saturating_sub(status.available),
+                waiting: status.waiting,
+            },
+            redis: Usage {
+                idle,
+                in_use,
+                waiting: 0,
+            },
+        }
+    }
+
+    /// Closes the Postgres pool, at shutdown.
+    pub fn close(&self) {
+        self.inner.repo.pool().close();
+    }
+}
+
+/// Connections of one pool: idle, lent out, and requests waiting for one.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub idle: usize,
+    pub in_use: usize,
+    pub waiting: usize,
+}
+
+/// Both pools' [`Usage`].
+#[derive(Debug, Clone, Copy)]
+pub struct PoolUsage {
+    pub postgres: Usage,
+    pub redis: Usage,
 }
 
 fn written<T>(outcome: WriteOutcome<T>) -> Result<T, ServiceError> {
@@ -528,13 +537,82 @@ fn item_of(entry: Entry) -> Option<ItemJson> {
     }
 }
 
-fn batch_of(ids: &[ItemId], answers: Vec<Option<ItemJson>>) -> Batch {
+/// One id's answer out of a load's answers. Every load answers every id it was given
+/// (`load_and_fill` does, and the flights hand each key's answer on), so a missing one is
+/// a bug, answered as such rather than as a plausible "not found".
+fn answer(loaded: &mut HashMap<ItemId, Loaded>, id: ItemId) -> Loaded {
+    loaded
+        .remove(&id)
+        .unwrap_or(Err(ServiceError::Unanswered(id)))
+}
+
+/// A loaded answer against the entry the cache still had for the id: with Postgres down or
+/// shedding, an entry within `CACHE_STALE_SECS` beats a 503 (`STALE`).
+fn settle(
+    loaded: Loaded,
+    stale: Option<Entry>,
+    status: CacheStatus,
+) -> Result<(Option<ItemJson>, CacheStatus), ServiceError> {
+    match (loaded, stale) {
+        (Ok(value), _) => Ok((value, status)),
+        (Err(ServiceError::DatabaseUnavailable(_) | ServiceError::Overloaded), Some(entry)) => {
+            Ok((item_of(entry), CacheStatus::Stale))
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// How many ids of a batch were answered each way.
+#[derive(Default)]
+struct Statuses {
+    hit: usize,
+    miss: usize,
+    stale: usize,
+    bypass: usize,
+}
+
+impl Statuses {
+    fn add(&mut self, status: CacheStatus, n: usize) {
+        match status {
+            CacheStatus::Hit => self.hit += n,
+            CacheStatus::Miss => self.miss += n,
+            CacheStatus::Stale => self.stale += n,
+            CacheStatus::Bypass => self.bypass += n,
+        }
+    }
+
+    /// One lookup counted per id.
+    fn record(&self) {
+        metrics::record_lookups(CacheStatus::Hit, self.hit);
+        metrics::record_lookups(CacheStatus::Miss, self.miss);
+        metrics::record_lookups(CacheStatus::Stale, self.stale);
+        metrics::record_lookups(CacheStatus::Bypass, self.bypass);
+    }
+
+    /// The batch's `X-Cache`: `BYPASS` if the cache was not used for some id (not read,
+    /// or its load could not fill), else `MISS` if any id was read from Postgres, else
+    /// `STALE` if any entry was served stale, else `HIT`.
+    fn batch(&self) -> CacheStatus {
+        if self.bypass > 0 {
+            CacheStatus::Bypass
+        } else if self.miss > 0 {
+            CacheStatus::Miss
+        } else if self.stale > 0 {
+            CacheStatus::Stale
+        } else {
+            CacheStatus::Hit
+        }
+    }
+}
+
+/// The found items in request order, and the ids that do not exist.
+fn batch_of(ids: &[ItemId], mut answers: HashMap<ItemId, Option<ItemJson>>) -> Batch {
     let mut batch = Batch {
         items: Vec::with_capacity(ids.len()),
         missing: Vec::new(),
     };
-    for (&id, answer) in ids.iter().zip(answers) {
-        match answer {
+    for &id in ids {
+        match answers.remove(&id).flatten() {
             Some(item) => batch.items.push(item),
             None => batch.missing.push(id),
         }

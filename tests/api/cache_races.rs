@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use itemcache::failpoints::{self, Armed};
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, header, spawn_app};
+use crate::support::proxy::SlowProxy;
+use crate::support::{Spawn, TestApp, header, spawn_app};
 
 /// Arms the pause between Postgres read and cache fill for `id` in `app`'s key space.
 fn pause_before_fill(app: &TestApp, id: i64) -> Armed {
@@ -162,6 +163,67 @@ async fn a_read_after_a_write_does_not_join_a_load_from_before_it() {
     armed.release();
     assert_eq!(version_of(early_reader.await.unwrap()).await, 1);
     assert_eq!(version_of(reading.get_item(id).await).await, 2);
+}
+
+/// The same race without stamps: the reading instance has its cache off (or Redis
+/// failing), so its loads carry no stamp to compare. Its Postgres replies are slowed, so a
+/// load that began before the other instance's write is still in flight when a read that
+/// began after the write's 200 arrives: that read must run a load of its own.
+#[tokio::test]
+async fn a_read_without_a_stamp_does_not_join_a_load_from_before_a_write() {
+    let writing = spawn_app().await;
+    let id = writing.create_item("unstamped", 10).await["id"]
+        .as_i64()
+        .unwrap();
+    let proxy = SlowProxy::start(writing.backends.pg.port).await;
+    let reading = Arc::new(
+        Spawn::default()
+            .backends(writing.backends.clone())
+            .var(
+                "DATABASE_URL",
+                format!(
+                    "postgres://postgres@127.0.0.1:{}/{}",
+                    proxy.port, writing.database
+                ),
+            )
+            .var("CACHE_KEY_PREFIX", &writing.prefix)
+            .var("CACHE_ENABLED", "false")
+            .start()
+            .await,
+    );
+    // Connections made before the replies are slowed.
+    let warm: Vec<_> = (0..3)
+        .map(|_| {
+            let reading = reading.clone();
+            tokio::spawn(async move { reading.get_item(id).await.status() })
+        })
+        .collect();
+    for read in warm {
+        assert_eq!(read.await.unwrap(), 200);
+    }
+
+    proxy.set_delay(Duration::from_millis(600));
+    let early = {
+        let reading = reading.clone();
+        tokio::spawn(async move { reading.get_item(id).await })
+    };
+    // The early load's SELECT has reached Postgres; its reply is held back.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        writing
+            .patch_item(id, &json!({"price_cents": 11}))
+            .await
+            .status(),
+        200
+    );
+    let late = reading.get_item(id).await;
+    assert_eq!(header(&late, "x-cache"), "BYPASS");
+    assert_eq!(
+        version_of(late).await,
+        2,
+        "a read begun after the write's 200 returned the version before it"
+    );
+    assert_eq!(version_of(early.await.unwrap()).await, 1);
 }
 
 #[tokio::test]

@@ -14,4 +14,5 @@ mod cache_races;
 mod cli;
 mod items_api;
 mod openapi;
+mod redis_permissions;
 mod resilience;

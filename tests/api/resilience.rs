@@ -457,3 +457,66 @@ fn resident_mib() -> f64 {
         .map(|kib| kib / 1024.0)
         .unwrap_or(f64::NAN)
 }
+
+/// A read held behind a lock until the statement timeout cancels it (SQLSTATE 57014), and
+/// one whose backend an operator terminates (57P01): Postgres could not serve them for a
+/// while, which is a 503 with `Retry-After`, not a 500.
+#[tokio::test]
+async fn a_statement_timeout_or_a_terminated_backend_is_a_503() {
+    let app = crate::support::spawn_app().await;
+    let ids = app.insert_items(2).await;
+    let mut locker = app.backends.connect(&app.database).await;
+    diesel::sql_query("BEGIN")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    diesel::sql_query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
+    // Held until itemcache's statement timeout (5 s) cancels it.
+    let timed_out = app.get_item(ids[0]).await;
+    assert_eq!(timed_out.status(), 503);
+    assert!(!header(&timed_out, "retry-after").is_empty());
+    assert_eq!(json_of(timed_out).await["code"], "database_unavailable");
+
+    let terminated = {
+        let (client, url) = (app.client.clone(), app.url(&format!("/items/{}", ids[1])));
+        tokio::spawn(async move { client.get(url).send().await.unwrap() })
+    };
+    eventually(
+        "the read to wait for the lock",
+        Duration::from_secs(4),
+        || {
+            let app = &app;
+            async move {
+                let mut conn = app.backends.connect(&app.database).await;
+                #[derive(diesel::QueryableByName)]
+                struct Terminated {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    n: i64,
+                }
+                let done: Terminated = diesel::sql_query(
+                    "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .get_result(&mut conn)
+                .await
+                .unwrap();
+                (done.n > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let terminated = terminated.await.unwrap();
+    assert_eq!(terminated.status(), 503);
+    assert!(!header(&terminated, "retry-after").is_empty());
+    diesel::sql_query("COMMIT")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
+    // And the service recovers by itself.
+    assert_eq!(app.get_item(ids[1]).await.status(), 200);
+}

@@ -321,6 +321,22 @@ impl TestApp {
         calls.calls
     }
 
+    /// Runs one command on the test's Redis (as the default user); returns its reply.
+    pub async fn redis_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let client = redis::Client::open(self.backends.redis.url()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
     /// The raw Redis value of `key` (under this test's prefix).
     pub async fn redis_get(&self, key: &str) -> Option<Vec<u8>> {
         let client = redis::Client::open(self.backends.redis.url()).expect("redis url");

@@ -1,4 +1,4 @@
-//! A TCP proxy that can delay every reply: a slow Redis rather than a dead one.
+//! A TCP proxy that can delay every reply: a slow Redis or Postgres rather than a dead one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
