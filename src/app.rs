@@ -83,7 +83,13 @@ impl Application {
                 addr: settings.listen_addr.to_string(),
                 cause,
             })?;
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let port = listener
+            .local_addr()
+            .map_err(|cause| StartupError::Bind {
+                addr: settings.listen_addr.to_string(),
+                cause,
+            })?
+            .port();
         let server = server(state.clone(), listener).map_err(|cause| StartupError::Bind {
             addr: settings.listen_addr.to_string(),
             cause,

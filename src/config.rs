@@ -36,11 +36,20 @@ pub enum CacheMode {
 pub struct WriteToken(String);
 
 impl WriteToken {
+    /// Whether `presented` is the token, in time that depends only on what was presented:
+    /// neither how much of a guess was right nor the token's length shows in it.
     pub fn matches(&self, presented: &str) -> bool {
-        // Length and content compared without an early exit, so the time taken does not tell
-        // an attacker how much of a guess was right.
-        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        use subtle::ConstantTimeEq;
+        let (token, presented) = (self.0.as_bytes(), presented.as_bytes());
+        // subtle's slice comparison returns at once when the lengths differ, which would
+        // time the token's length. So the presented bytes are compared with the token
+        // repeated to their length, byte by byte, and the lengths on their own.
+        let same_length = (token.len() as u64).ct_eq(&(presented.len() as u64));
+        let same_bytes = presented
+            .iter()
+            .zip(token.iter().cycle())
+            .fold(subtle::Choice::from(1), |same, (p, t)| same & p.ct_eq(t));
+        bool::from(same_length & same_bytes)
     }
 }
 
@@ -250,6 +259,16 @@ impl Env<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_write_token_matches_itself_only() {
+        let token = WriteToken("ab".to_owned());
+        assert!(token.matches("ab"));
+        for other in ["", "a", "b", "ba", "abc", "abab", "AB", "ab "] {
+            assert!(!token.matches(other), "{other:?}");
+        }
+    }
+
     use super::*;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {

@@ -88,9 +88,12 @@ pub struct ItemJson {
 }
 
 impl ItemJson {
+    #[expect(
+        clippy::expect_used,
+        reason = "serializing a struct of strings, integers and timestamps into memory cannot fail"
+    )]
     pub fn from_item(item: &Item) -> ItemJson {
-        // Serializing a struct of strings, integers and timestamps cannot fail.
-        let json = serde_json::to_vec(item).unwrap_or_default();
+        let json = serde_json::to_vec(item).expect("an item serializes");
         ItemJson {
             version: item.version,
             json: Bytes::from(json),
