@@ -3,37 +3,52 @@
 //! Its operations come from the `#[utoipa::path]` on each handler, gathered by the route
 //! table in `http/mod.rs`: a route that is served is a route that is documented. This module
 //! owns what the handlers' annotations share:
-//! - schemas of the bodies: the service parses requests as raw JSON and answers with bytes it
-//!   built (or cached) itself, so there are no serde types to derive them from. These are
-//!   schema-only types, checked against the real ones by the tests below;
+//! - schemas of the bodies. Where the service has a serde type for a body, the schema is
+//!   derived on it and re-exported here, where the annotations name it: [`Item`] and
+//!   [`FieldError`] (`items/model.rs`), [`Page`] (`items/service.rs`), `Problem`
+//!   (`http/errors.rs`), `Readiness` (`http/health.rs`). Where it has none, the type here
+//!   is schema-only: request bodies are parsed as raw JSON, the batch body is spliced from
+//!   cached bytes, `/healthz` answers a literal;
+//! - the limits the service enforces ([`apply_limits`]), from the constants that enforce
+//!   them: derive attributes take only literals;
 //! - parameters (`{id}`, the `GET /items` query, the conditional headers);
 //! - problem responses, made from real [`ApiError`]s: their statuses, `code` values,
 //!   headers and examples are what the service sends;
 //! - response headers, defined once under `components/headers`;
-//! - the finishing pass over the whole document ([`document`]).
+//! - the finishing pass over the whole document ([`document`]), which runs once per
+//!   process for each of its two variants ([`document_json`]).
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use actix_web::ResponseError;
 use actix_web::body::MessageBody;
 use actix_web::http::Method;
+use bytes::Bytes;
 use serde_json::{Value, json};
 use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::example::ExampleBuilder;
 use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::header::{Header, HeaderBuilder};
-use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn, PathItem};
 use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::schema::{
-    AdditionalProperties, AllOfBuilder, ObjectBuilder, Schema, SchemaType, Type,
+    AdditionalProperties, AllOfBuilder, AnyOfBuilder, KnownFormat, Object, ObjectBuilder, Schema,
+    SchemaFormat, SchemaType, Type,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{OpenApi, Ref, RefOr};
+use utoipa::openapi::{OpenApi, Ref, RefOr, Required};
 use utoipa::{IntoParams, IntoResponses, OpenApi as _, ToSchema};
 
 use crate::http::body::BODY_LIMIT;
 use crate::http::errors::{ApiError, PROBLEM_JSON};
-use crate::items::model::FieldError as ModelFieldError;
+use crate::http::items::{BATCH_MAX, LIST_DEFAULT, LIST_MAX};
+use crate::items::model::{DESCRIPTION_MAX_CHARS, NAME_MAX_CHARS};
+
+pub(crate) use crate::http::errors::Problem;
+pub(crate) use crate::http::health::Readiness;
+pub use crate::items::model::{FieldError, Item};
+pub use crate::items::service::Page;
 
 /// The document's frame: what is not an operation.
 #[derive(utoipa::OpenApi)]
@@ -67,6 +82,7 @@ pub fn document(writes_need_token: bool) -> OpenApi {
     let shared = shared_headers();
     let components = doc.components.get_or_insert_with(Default::default);
     components.headers = shared.clone();
+    apply_limits(&mut components.schemas);
     // Every object the service sends or takes is closed: an unknown request field is a 422,
     // and a response field the document does not name is a bug a client should hear about.
     for schema in components.schemas.values_mut() {
@@ -107,9 +123,22 @@ pub fn document(writes_need_token: bool) -> OpenApi {
     doc
 }
 
-/// The document as served.
-pub fn document_json(writes_need_token: bool) -> Vec<u8> {
-    serde_json::to_vec(&document(writes_need_token)).unwrap_or_default()
+/// The document as served, built and serialized once per process for each variant: it
+/// depends on nothing but the code and whether `WRITE_TOKEN` is set, so every request
+/// answers with the same bytes (a `Bytes` clone shares them).
+pub fn document_json(writes_need_token: bool) -> Bytes {
+    static OPEN: LazyLock<Bytes> = LazyLock::new(|| serialized(false));
+    static WITH_TOKEN: LazyLock<Bytes> = LazyLock::new(|| serialized(true));
+    if writes_need_token {
+        WITH_TOKEN.clone()
+    } else {
+        OPEN.clone()
+    }
+}
+
+fn serialized(writes_need_token: bool) -> Bytes {
+    // A document of strings, numbers and maps always serializes.
+    Bytes::from(serde_json::to_vec(&document(writes_need_token)).unwrap_or_default())
 }
 
 fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = (Method, &mut Operation)> {
@@ -317,11 +346,16 @@ fn canonical(name: &str) -> String {
 }
 
 fn invalid_ids() -> ApiError {
-    ApiError::InvalidIds("ids must be integers from 1 to 9223372036854775807, got \"x\"".into())
+    ApiError::InvalidIds(format!(
+        "ids must be integers from 1 to {}, got \"x\"",
+        i64::MAX
+    ))
 }
 
 fn invalid_query() -> ApiError {
-    ApiError::InvalidQuery("limit must be an integer from 1 to 1000, got \"0\"".into())
+    ApiError::InvalidQuery(format!(
+        "limit must be an integer from 1 to {LIST_MAX}, got \"0\""
+    ))
 }
 
 fn malformed_json() -> ApiError {
@@ -329,7 +363,7 @@ fn malformed_json() -> ApiError {
 }
 
 fn validation_failed() -> ApiError {
-    ApiError::Validation(vec![ModelFieldError {
+    ApiError::Validation(vec![FieldError {
         field: "name".into(),
         message: "must not be blank".into(),
     }])
@@ -417,48 +451,50 @@ problem_responses! {
 
 // --- schemas -----------------------------------------------------------------------------
 
-/// An item, as every read and write returns it.
-#[derive(ToSchema)]
-#[schema(example = json!({
-    "id": 42, "name": "Widget", "description": "A widget.", "price_cents": 1999, "version": 3,
-    "created_at": "2026-11-24T10:00:00.123456Z", "updated_at": "2026-11-24T10:05:00.654321Z"
-}))]
-pub struct Item {
-    #[schema(minimum = 1)]
-    pub id: i64,
-    /// 1 to 200 characters, not blank.
-    #[schema(min_length = 1, max_length = 200)]
-    pub name: String,
-    /// 0 to 10,000 characters.
-    #[schema(max_length = 10000)]
-    pub description: String,
-    #[schema(minimum = 0)]
-    pub price_cents: i64,
-    /// 1 when created, one more on each update. The `ETag` is this number in quotes.
-    #[schema(minimum = 1)]
-    pub version: i64,
-    /// UTC, microseconds.
-    #[schema(format = DateTime)]
-    pub created_at: String,
-    #[schema(format = DateTime)]
-    pub updated_at: String,
+/// Sets the limits the service enforces on the schemas that carry them, from the constants
+/// that enforce them. A schema or property missing here is a bug the tests below catch.
+fn apply_limits(schemas: &mut BTreeMap<String, RefOr<Schema>>) {
+    for schema in ["Item", "CreateItem", "UpdateItem"] {
+        let Some(RefOr::T(Schema::Object(object))) = schemas.get_mut(schema) else {
+            continue;
+        };
+        if let Some(name) = property(object, "name") {
+            name.max_length = Some(NAME_MAX_CHARS);
+        }
+        if let Some(description) = property(object, "description") {
+            description.max_length = Some(DESCRIPTION_MAX_CHARS);
+        }
+        // Postgres `bigint`: a larger number is a 422, not a wrapped price.
+        if let Some(price) = property(object, "price_cents") {
+            price.maximum = Some(i64::MAX.into());
+        }
+    }
 }
 
+fn property<'a>(object: &'a mut Object, name: &str) -> Option<&'a mut Object> {
+    match object.properties.get_mut(name)? {
+        RefOr::T(Schema::Object(property)) => Some(property),
+        _ => None,
+    }
+}
+
+// The name pattern spells out Unicode `White_Space`, which `ItemName::parse` trims:
+// ECMA-262's `\s` differs from it in U+0085 (not in `\s`) and U+FEFF (not `White_Space`).
 /// The body of `POST /items`. The patterns (ECMA-262, as in JSON Schema): a name has a
-/// character that is not whitespace; no text has U+0000, which Postgres text cannot hold.
+/// character that is not whitespace (Unicode `White_Space`); no text has U+0000, which
+/// Postgres text cannot hold.
 #[derive(ToSchema)]
 #[schema(example = json!({"name": "Widget", "description": "A widget.", "price_cents": 1999}))]
 pub struct CreateItem {
-    /// 1 to 200 characters, not blank (at least one that is not whitespace); no U+0000.
+    /// Not blank (at least one character that is not whitespace); no U+0000.
     #[schema(
         min_length = 1,
-        max_length = 200,
-        pattern = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+        pattern = r"^[^\u0000]*[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
     )]
     pub name: String,
-    /// 0 to 10,000 characters, no U+0000; "" when absent.
+    /// No U+0000; "" when absent.
     #[serde(default)]
-    #[schema(max_length = 10000, pattern = r"^[^\u0000]*$")]
+    #[schema(pattern = r"^[^\u0000]*$")]
     pub description: String,
     /// 0 when absent.
     #[serde(default)]
@@ -470,17 +506,16 @@ pub struct CreateItem {
 #[derive(ToSchema)]
 #[schema(min_properties = 1, example = json!({"price_cents": 1499}))]
 pub struct UpdateItem {
-    /// 1 to 200 characters, not blank; no U+0000.
+    /// Not blank (at least one character that is not whitespace); no U+0000.
     #[serde(default)]
     #[schema(
         min_length = 1,
-        max_length = 200,
-        pattern = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+        pattern = r"^[^\u0000]*[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
     )]
     pub name: String,
-    /// 0 to 10,000 characters, no U+0000.
+    /// No U+0000.
     #[serde(default)]
-    #[schema(max_length = 10000, pattern = r"^[^\u0000]*$")]
+    #[schema(pattern = r"^[^\u0000]*$")]
     pub description: String,
     #[serde(default)]
     #[schema(minimum = 0)]
@@ -495,6 +530,7 @@ pub enum ItemList {
     Page(Page),
 }
 
+// Spliced from each item's cached bytes (`http/items.rs`): no type to derive from.
 /// A batch read: the items found, in request order, each once; the ids not found.
 #[derive(ToSchema)]
 #[schema(example = json!({"items": [], "missing": [7]}))]
@@ -503,46 +539,7 @@ pub struct Batch {
     pub missing: Vec<i64>,
 }
 
-/// A page, by id: pass `next_after_id` as `after_id` for the next page; `null` on the last.
-#[derive(ToSchema)]
-#[schema(example = json!({"items": [], "next_after_id": null}))]
-pub struct Page {
-    pub items: Vec<Item>,
-    #[schema(required = true, minimum = 1)]
-    pub next_after_id: Option<i64>,
-}
-
-/// An RFC 9457 problem document: the body of every error.
-#[derive(ToSchema)]
-#[schema(example = json!({
-    "type": "urn:itemcache:problem:item_not_found", "title": "Item not found", "status": 404,
-    "detail": "no item has this id", "code": "item_not_found"
-}))]
-pub struct Problem {
-    /// `urn:itemcache:problem:` and the code.
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub title: String,
-    /// The response's status.
-    #[schema(minimum = 400, maximum = 599)]
-    pub status: u16,
-    /// What went wrong, for a person.
-    pub detail: String,
-    /// Stable snake_case: what clients branch on.
-    pub code: String,
-    /// `validation_failed` only: every field's problem.
-    #[serde(default)]
-    pub errors: Vec<FieldError>,
-}
-
-/// One field's problem in a `validation_failed`.
-#[derive(ToSchema)]
-pub struct FieldError {
-    /// The field's name; "" for the body as a whole.
-    pub field: String,
-    pub message: String,
-}
-
+// The handler answers a literal: no type to derive from.
 /// `GET /healthz`: the process is up.
 #[derive(ToSchema)]
 pub struct Health {
@@ -555,16 +552,9 @@ pub enum HealthStatus {
     Ok,
 }
 
-/// `GET /readyz`.
-#[derive(ToSchema)]
-pub struct Readiness {
-    /// `ok`: both up; `degraded`: Redis down (reads go to Postgres); `unavailable`:
-    /// Postgres down (503).
-    pub status: ReadinessStatus,
-    pub postgres: Backend,
-    pub redis: Backend,
-}
-
+// The values of `Readiness::status` (a `&str` there).
+/// `ok`: both up; `degraded`: Redis down (reads go to Postgres); `unavailable`: Postgres
+/// down (503).
 #[derive(ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadinessStatus {
@@ -573,6 +563,7 @@ pub enum ReadinessStatus {
     Unavailable,
 }
 
+// The values of `Readiness::postgres` and `::redis`.
 #[derive(ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
@@ -592,24 +583,60 @@ pub struct ItemPath {
 }
 
 /// The query of `GET /items`: `ids` for a batch read, or `limit` and `after_id` for a page.
-/// These parameters and the conditional headers have no `example`: Swagger UI fills examples
-/// into "Try it out", and `ids` with `limit`, or a stale `If-Match`, would fail the request.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ItemsQuery {
-    /// A batch read of 1 to 100 comma-separated ids, e.g. `3,1,2`: items in request order,
-    /// duplicates once. Not with `limit` or `after_id`. Bad ids: 400 `invalid_ids`.
-    #[param(pattern = "^[0-9]+(,[0-9]+)*$", nullable = false)]
-    pub ids: Option<String>,
-    /// Page size, 1 to 1000.
-    #[param(minimum = 1, maximum = 1000, default = 50, nullable = false)]
-    pub limit: Option<i64>,
-    /// The page starts after this id.
-    #[param(minimum = 0, default = 0, nullable = false)]
-    pub after_id: Option<i64>,
+/// Written out rather than derived, for its limits come from `http/items.rs`. These
+/// parameters have no `example`: Swagger UI fills examples into "Try it out", and `ids`
+/// with `limit` would fail the request.
+pub struct ItemsQuery;
+
+impl IntoParams for ItemsQuery {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let int64 = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        };
+        [
+            (
+                "ids",
+                format!(
+                    "A batch read of 1 to {BATCH_MAX} comma-separated ids, e.g. `3,1,2`: items \
+                     in request order, duplicates once. Not with `limit` or `after_id`. Bad \
+                     ids: 400 `invalid_ids`."
+                ),
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(format!("^[0-9]+(,[0-9]+){{0,{}}}$", BATCH_MAX - 1))),
+            ),
+            (
+                "limit",
+                format!("Page size, 1 to {LIST_MAX}."),
+                int64()
+                    .minimum(Some(1))
+                    .maximum(Some(LIST_MAX))
+                    .default(Some(json!(LIST_DEFAULT))),
+            ),
+            (
+                "after_id",
+                "The page starts after this id.".to_owned(),
+                int64().minimum(Some(0)).default(Some(json!(0))),
+            ),
+        ]
+        .into_iter()
+        .map(|(name, description, schema)| {
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some(description))
+                .schema(Some(schema))
+                .build()
+        })
+        .collect()
+    }
 }
 
-/// A conditional read.
+/// A conditional read. No `example`: Swagger UI would fill it into "Try it out", and a
+/// matching tag makes the read a 304.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
 pub struct IfNoneMatch {
@@ -618,19 +645,49 @@ pub struct IfNoneMatch {
     pub if_none_match: Option<String>,
 }
 
-/// A conditional write.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Header)]
-pub struct IfMatch {
-    /// The `ETag` the write is meant for: 412 `version_conflict` if the item has moved on.
-    #[param(rename = "If-Match", nullable = false)]
-    pub if_match: Option<String>,
+/// A conditional write. The header takes `*` (the item exists) or entity tags as `ETag`
+/// sends them (`"3"`; a weak `W/"3"` compares the same), comma-separated. Other values are
+/// well-formed HTTP but name no version of ours, so the write is always refused (412): the
+/// schema says what can succeed. `*` and the tags are apart (`anyOf`) so that a generator
+/// that cannot produce quotes in a header (schemathesis' coverage phase sends only letters
+/// and digits there) still finds `*`, rather than sending a value that can never match. No
+/// `example`: Swagger UI would fill it into "Try it out".
+pub struct IfMatch;
+
+impl IntoParams for IfMatch {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        const TAG: &str = r#"(W/)?"[0-9]+""#;
+        let schema = AnyOfBuilder::new()
+            .schema_type(Type::String)
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["*"])),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(format!("^{TAG}([ \\t]*,[ \\t]*{TAG})*$"))),
+            );
+        vec![
+            ParameterBuilder::new()
+                .name("If-Match")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "`*`, or the `ETag` the write is meant for (or several, comma-separated): \
+                     412 `version_conflict` if the item is at none of them.",
+                ))
+                .schema(Some(schema))
+                .build(),
+        ]
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::items::model::{Item as ModelItem, ItemJson};
+    use crate::items::model::ItemJson;
 
     fn doc() -> Value {
         serde_json::from_slice(&document_json(true)).unwrap_or_default()
@@ -639,7 +696,7 @@ mod tests {
     #[test]
     fn the_item_schema_names_exactly_the_fields_an_item_serializes_to() {
         let at = chrono::DateTime::from_timestamp(1_764_000_000, 0).unwrap_or_default();
-        let item = ModelItem {
+        let item = Item {
             id: 1,
             name: "n".into(),
             description: String::new(),
@@ -737,5 +794,108 @@ mod tests {
         assert!(post(&without)["responses"]["401"].is_null());
         assert!(without["components"]["securitySchemes"].is_null());
         assert!(with["paths"]["/items"]["get"]["security"].is_null());
+    }
+
+    #[test]
+    fn the_limits_are_the_constants_the_service_enforces() {
+        let doc = doc();
+        let schemas = &doc["components"]["schemas"];
+        for schema in ["Item", "CreateItem", "UpdateItem"] {
+            let properties = &schemas[schema]["properties"];
+            assert_eq!(
+                properties["name"]["maxLength"],
+                json!(NAME_MAX_CHARS),
+                "{schema}"
+            );
+            assert_eq!(
+                properties["description"]["maxLength"],
+                json!(DESCRIPTION_MAX_CHARS),
+                "{schema}"
+            );
+            assert_eq!(
+                properties["price_cents"]["maximum"],
+                json!(i64::MAX),
+                "{schema}"
+            );
+        }
+        let query = doc["paths"]["/items"]["get"]["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let parameter = |name: &str| {
+            query
+                .iter()
+                .find(|p| p["name"] == name)
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(parameter("limit")["schema"]["maximum"], json!(LIST_MAX));
+        assert_eq!(parameter("limit")["schema"]["default"], json!(LIST_DEFAULT));
+        let ids = parameter("ids")["schema"]["pattern"].clone();
+        assert_eq!(
+            ids,
+            json!(format!("^[0-9]+(,[0-9]+){{0,{}}}$", BATCH_MAX - 1))
+        );
+        let too_large = &doc["paths"]["/items"]["post"]["responses"]["413"];
+        let example = &too_large["content"][PROBLEM_JSON]["examples"]["payload_too_large"];
+        let detail = example["value"]["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(&BODY_LIMIT.to_string()), "{detail}");
+    }
+
+    #[test]
+    fn every_problem_the_service_sends_fits_the_problem_schema() {
+        let doc = doc();
+        let schema = &doc["components"]["schemas"]["Problem"];
+        let properties = schema["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        for error in [validation_failed(), ApiError::DatabaseUnavailable] {
+            let body = error.error_response().into_body().try_into_bytes();
+            let sent: Value = body
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let sent = sent.as_object().cloned().unwrap_or_default();
+            for key in sent.keys() {
+                assert!(properties.contains_key(key), "{key} is not documented");
+            }
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let required = required.as_str().unwrap_or_default();
+                assert!(sent.contains_key(required), "{required} is not sent");
+            }
+        }
+        // Sent only with field errors, never as null.
+        assert_eq!(properties["errors"]["type"], "array");
+    }
+
+    #[test]
+    fn the_document_is_built_once() {
+        assert_eq!(
+            document_json(true).as_ptr(),
+            document_json(true).as_ptr(),
+            "each request would build the document again"
+        );
+        assert_ne!(document_json(true), document_json(false));
+    }
+
+    #[test]
+    fn if_match_is_a_star_or_our_entity_tags() {
+        let doc = doc();
+        for method in ["patch", "delete"] {
+            let parameters = doc["paths"]["/items/{id}"][method]["parameters"].clone();
+            let if_match = parameters
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == "If-Match")
+                .cloned()
+                .unwrap_or_default();
+            let any_of = &if_match["schema"]["anyOf"];
+            assert_eq!(any_of[0]["enum"], json!(["*"]), "{method}: {if_match}");
+            let tags = any_of[1]["pattern"].as_str().unwrap_or_default();
+            assert!(tags.starts_with(r#"^(W/)?"[0-9]+""#), "{method}: {tags}");
+            assert_eq!(if_match["required"], false, "{method}");
+        }
     }
 }

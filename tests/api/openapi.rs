@@ -1,6 +1,7 @@
 //! `/openapi.json` and `/docs`: the document is OpenAPI 3.1, it lists exactly the operations
 //! the app serves (the route table's, and the live app answers each and only those), and
-//! Swagger UI is served by the binary itself with no asset from another host.
+//! Swagger UI is served by the binary itself with no asset from another host. The limits
+//! and header syntax it documents are the ones the service enforces.
 //!
 //! Whether the document is *valid* OpenAPI, and whether responses match it, is checked by
 //! tests/conformance/run (openapi-spec-validator and schemathesis against a live instance).
@@ -8,9 +9,9 @@
 use std::collections::BTreeSet;
 
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::support::{Spawn, TestApp, header, spawn_app};
+use crate::support::{Spawn, TestApp, assert_problem, header, spawn_app};
 
 async fn document(app: &TestApp) -> Value {
     let response = app.get("/openapi.json").await;
@@ -214,4 +215,103 @@ async fn with_a_write_token_writes_need_the_bearer_scheme() {
     let doc = document(&open).await;
     assert!(doc["components"]["securitySchemes"].is_null());
     assert!(doc["paths"]["/items"]["post"]["responses"]["401"].is_null());
+}
+
+/// The schema of a component, by name.
+fn schema<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    &doc["components"]["schemas"][name]
+}
+
+/// A parameter of an operation, by name.
+fn parameter(doc: &Value, path: &str, method: &str, name: &str) -> Value {
+    doc["paths"][path][method]["parameters"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("{method} {path}: no parameter {name}"))
+}
+
+fn as_usize(value: &Value) -> usize {
+    let n = value
+        .as_u64()
+        .unwrap_or_else(|| panic!("not a count: {value}"));
+    usize::try_from(n).expect("a count")
+}
+
+#[tokio::test]
+async fn the_documented_limits_are_the_ones_the_service_enforces() {
+    let app = spawn_app().await;
+    let doc = document(&app).await;
+    let item = &schema(&doc, "CreateItem")["properties"];
+
+    let name_max = as_usize(&item["name"]["maxLength"]);
+    let response = app.post_item(&json!({"name": "n".repeat(name_max)})).await;
+    assert_eq!(response.status(), 201, "a name of maxLength characters");
+    let response = app
+        .post_item(&json!({"name": "n".repeat(name_max + 1)}))
+        .await;
+    assert_problem(response, 422, "validation_failed").await;
+
+    let description_max = as_usize(&item["description"]["maxLength"]);
+    let body = json!({"name": "n", "description": "d".repeat(description_max)});
+    assert_eq!(app.post_item(&body).await.status(), 201);
+    let body = json!({"name": "n", "description": "d".repeat(description_max + 1)});
+    assert_problem(app.post_item(&body).await, 422, "validation_failed").await;
+
+    let limit = parameter(&doc, "/items", "get", "limit");
+    let limit_max = as_usize(&limit["schema"]["maximum"]);
+    assert_eq!(limit["schema"]["minimum"], 1);
+    let page = app.get(&format!("/items?limit={limit_max}")).await;
+    assert_eq!(page.status(), 200);
+    let too_many = app.get(&format!("/items?limit={}", limit_max + 1)).await;
+    assert_problem(too_many, 400, "invalid_query").await;
+
+    // `^[0-9]+(,[0-9]+){0,N}$`: at most N + 1 ids.
+    let ids = parameter(&doc, "/items", "get", "ids");
+    let pattern = ids["schema"]["pattern"].as_str().expect("a pattern");
+    let repeats = pattern
+        .rsplit_once("{0,")
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .and_then(|(n, _)| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no count in {pattern}"));
+    let ids = |count: usize| {
+        (1..=count)
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let batch = app.get(&format!("/items?ids={}", ids(repeats + 1))).await;
+    assert_eq!(batch.status(), 200);
+    let too_many = app.get(&format!("/items?ids={}", ids(repeats + 2))).await;
+    assert_problem(too_many, 400, "invalid_ids").await;
+}
+
+#[tokio::test]
+async fn if_match_takes_what_the_document_says_it_takes() {
+    let app = spawn_app().await;
+    let doc = document(&app).await;
+    let if_match = parameter(&doc, "/items/{id}", "patch", "If-Match");
+    assert_eq!(if_match["schema"]["anyOf"][0]["enum"], json!(["*"]));
+
+    let id = app.create_item("Widget", 100).await["id"]
+        .as_i64()
+        .expect("an id");
+    let patch = |tag: &'static str| {
+        app.client
+            .patch(app.url(&format!("/items/{id}")))
+            .header("If-Match", tag)
+            .json(&json!({"price_cents": 1}))
+            .send()
+    };
+    // `*`: the item exists.
+    let response = patch("*").await.expect("sent");
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "etag"), "\"2\"");
+    // The current ETag, strong or weak, and in a list.
+    assert_eq!(patch("\"2\"").await.expect("sent").status(), 200);
+    assert_eq!(patch("W/\"3\"").await.expect("sent").status(), 200);
+    assert_eq!(patch("\"1\", \"4\"").await.expect("sent").status(), 200);
+    // A version the item has left: 412.
+    let stale = patch("\"1\"").await.expect("sent");
+    assert_problem(stale, 412, "version_conflict").await;
 }
