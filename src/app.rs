@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::cache::{Cache, Connections};
 use crate::config::Settings;
 use crate::db::{self, DbSetupError};
+use crate::feed::{Feed, Follower};
 use crate::http::{self, AppState};
 use crate::items::repo::ItemRepo;
 use crate::items::service::ItemService;
@@ -43,6 +44,7 @@ pub struct Application {
     server: Server,
     port: u16,
     state: web::Data<AppState>,
+    database_url: String,
 }
 
 impl Application {
@@ -77,6 +79,7 @@ impl Application {
             service: ItemService::new(repo, cache, &settings),
             write_token: settings.write_token.clone(),
             metrics,
+            feed: Feed::default(),
         });
         let listener =
             TcpListener::bind(settings.listen_addr).map_err(|cause| StartupError::Bind {
@@ -98,6 +101,7 @@ impl Application {
             server,
             port,
             state,
+            database_url: settings.database_url.clone(),
         })
     }
 
@@ -113,7 +117,13 @@ impl Application {
     ) -> std::io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let upkeep = tokio::spawn(upkeep(self.state.clone(), stop_rx.clone()));
-        let invalidations = tokio::spawn(retry_invalidations(self.state.clone(), stop_rx));
+        let invalidations = tokio::spawn(retry_invalidations(self.state.clone(), stop_rx.clone()));
+        let follower = Follower {
+            service: self.state.service.clone(),
+            database_url: self.database_url.clone(),
+            feed: self.state.feed.clone(),
+        };
+        let feed = tokio::spawn(follower.run(stop_rx));
         let handle = self.server.handle();
         tokio::spawn(async move {
             shutdown.await;
@@ -124,6 +134,7 @@ impl Application {
         let _ = stop_tx.send(true);
         let _ = upkeep.await;
         let _ = invalidations.await;
+        let _ = feed.await;
         self.state.service.close();
         served
     }

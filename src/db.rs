@@ -77,7 +77,7 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbSetupError> {
 }
 
 /// A new pooled connection, with the statement timeout set.
-async fn connect(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
+pub(crate) async fn connect(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
     use diesel_async::{AsyncConnection, RunQueryDsl};
     let mut conn = AsyncPgConnection::establish(&url).await?;
     diesel::sql_query(format!(

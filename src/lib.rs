@@ -7,6 +7,7 @@
 //!   is what handlers reach.
 //! - [`items`]: the item model, its Postgres queries, and the cache-aside service.
 //! - [`cache`]: Redis entries and write stamps, coalescing, the circuit breaker, retries.
+//! - [`feed`]: the change feed follower: invalidates what any Postgres client changed.
 //! - [`db`]: the Postgres pool and embedded migrations; [`seed`]: bulk demo data.
 //! - [`metrics`]: every metric name and label; [`telemetry`]: logs; [`report`]: an error
 //!   and its causes on one line.
@@ -16,6 +17,7 @@ pub mod cache;
 pub mod config;
 pub mod db;
 pub mod failpoints;
+pub mod feed;
 pub mod http;
 pub mod items;
 pub mod metrics;

@@ -16,7 +16,8 @@ pub const HTTP_REQUESTS_TOTAL: &str = "itemcache_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "itemcache_http_request_duration_seconds";
 /// One per id looked up. Label: `result` (hit, miss, stale, bypass).
 pub const CACHE_LOOKUPS_TOTAL: &str = "itemcache_cache_lookups_total";
-/// One Redis round trip. Label: `op` (get, mget, set, delete).
+/// One Redis round trip. Label: `op` (get, mget, set, delete; ping for `/readyz`, feed for
+/// the change feed).
 pub const CACHE_OPERATION_DURATION_SECONDS: &str = "itemcache_cache_operation_duration_seconds";
 /// Redis calls that failed or passed their deadline. Label: `op`.
 pub const CACHE_ERRORS_TOTAL: &str = "itemcache_cache_errors_total";
@@ -30,6 +31,16 @@ pub const POOL_CONNECTIONS: &str = "itemcache_pool_connections";
 pub const POOL_WAITERS: &str = "itemcache_pool_waiters";
 /// Always 1. Label: `version`.
 pub const BUILD_INFO: &str = "itemcache_build_info";
+/// From a write's commit to its invalidation applied in Redis. Label: `source` (api, feed).
+pub const INVALIDATION_LAG_SECONDS: &str = "itemcache_invalidation_lag_seconds";
+/// Changes recorded by the change feed and not yet applied (an upper bound: the span of
+/// sequence numbers still queued).
+pub const CHANGE_FEED_BACKLOG: &str = "itemcache_change_feed_backlog";
+/// Changes of the feed applied to Redis by this instance.
+pub const CHANGE_FEED_APPLIED_TOTAL: &str = "itemcache_change_feed_applied_total";
+/// The feed follower's state, one series per state, 1 for the current one. Label: `state`
+/// (applying, standby, down).
+pub const CHANGE_FEED_FOLLOWER: &str = "itemcache_change_feed_follower";
 
 /// From 50 µs (a Redis GET on loopback) to 5 s (a request stuck behind a pool timeout),
 /// roughly ×2 apart so a hit and a miss land in different buckets.
@@ -77,6 +88,9 @@ pub enum CacheOp {
     Delete,
     /// `/readyz`'s probe: kept apart so that it does not skew the read metrics.
     Ping,
+    /// The change feed's invalidations and flushes: apart from the API's `delete`s, whose
+    /// count then stays one per write.
+    Feed,
 }
 
 impl CacheOp {
@@ -87,6 +101,53 @@ impl CacheOp {
             CacheOp::Set => "set",
             CacheOp::Delete => "delete",
             CacheOp::Ping => "ping",
+            CacheOp::Feed => "feed",
+        }
+    }
+}
+
+/// The `source` label of the invalidation lag: who applied the invalidation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidationSource {
+    /// The API, right after its own write's commit (or its retry queue).
+    Api,
+    /// The change feed, for any committed change.
+    Feed,
+}
+
+impl InvalidationSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidationSource::Api => "api",
+            InvalidationSource::Feed => "feed",
+        }
+    }
+}
+
+/// The change feed follower's state (see `feed`); also `/readyz`'s `change_feed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FollowerState {
+    /// Holds the applier role: applies every change to Redis.
+    Applying,
+    /// Connected and listening; another instance applies.
+    Standby,
+    /// Not connected to Postgres (starting, or reconnecting).
+    Down,
+}
+
+impl FollowerState {
+    pub const ALL: [FollowerState; 3] = [
+        FollowerState::Applying,
+        FollowerState::Standby,
+        FollowerState::Down,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FollowerState::Applying => "applying",
+            FollowerState::Standby => "standby",
+            FollowerState::Down => "down",
         }
     }
 }
@@ -206,7 +267,14 @@ pub fn install() -> Result<Exporter, MetricsError> {
 /// appears with its first event hides that event from `rate()` and `increase()`, so a
 /// short burst of Redis errors would never reach the dashboard or the alert.
 fn start_at_zero() {
-    for op in [CacheOp::Get, CacheOp::Mget, CacheOp::Set, CacheOp::Delete] {
+    for op in [
+        CacheOp::Get,
+        CacheOp::Mget,
+        CacheOp::Set,
+        CacheOp::Delete,
+        CacheOp::Ping,
+        CacheOp::Feed,
+    ] {
         counter!(CACHE_ERRORS_TOTAL, "op" => op.as_str()).absolute(0);
     }
     for status in [
@@ -218,6 +286,9 @@ fn start_at_zero() {
         counter!(CACHE_LOOKUPS_TOTAL, "result" => status.as_str()).absolute(0);
     }
     counter!(COALESCED_REQUESTS_TOTAL).absolute(0);
+    counter!(CHANGE_FEED_APPLIED_TOTAL).absolute(0);
+    gauge!(CHANGE_FEED_BACKLOG).set(0.0);
+    record_follower_state(FollowerState::Down);
 }
 
 fn describe() {
@@ -256,6 +327,23 @@ fn describe() {
     describe_gauge!(POOL_CONNECTIONS, "Pool connections by state");
     describe_gauge!(POOL_WAITERS, "Tasks waiting for a pooled connection");
     describe_gauge!(BUILD_INFO, "Build information; always 1");
+    describe_histogram!(
+        INVALIDATION_LAG_SECONDS,
+        Unit::Seconds,
+        "From a write's commit to its cache invalidation applied, by source"
+    );
+    describe_gauge!(
+        CHANGE_FEED_BACKLOG,
+        "Changes recorded by the change feed and not yet applied"
+    );
+    describe_counter!(
+        CHANGE_FEED_APPLIED_TOTAL,
+        "Changes of the change feed applied to Redis by this instance"
+    );
+    describe_gauge!(
+        CHANGE_FEED_FOLLOWER,
+        "The change feed follower's state: 1 for the current one"
+    );
 }
 
 #[allow(clippy::disallowed_macros)] // the gated helpers
@@ -305,6 +393,32 @@ pub fn record_pool(pool: PoolName, idle: usize, in_use: usize, waiters: usize) {
     gauge!(POOL_CONNECTIONS, "pool" => pool.as_str(), "state" => "idle").set(idle as f64);
     gauge!(POOL_CONNECTIONS, "pool" => pool.as_str(), "state" => "in_use").set(in_use as f64);
     gauge!(POOL_WAITERS, "pool" => pool.as_str()).set(waiters as f64);
+}
+
+#[allow(clippy::disallowed_macros)] // the gated helpers
+pub fn record_invalidation_lag(source: InvalidationSource, lag: Duration) {
+    observe(
+        histogram!(INVALIDATION_LAG_SECONDS, "source" => source.as_str()),
+        lag,
+    );
+}
+
+pub fn record_feed_applied(changes: usize) {
+    counter!(CHANGE_FEED_APPLIED_TOTAL).increment(changes as u64);
+}
+
+pub fn record_feed_backlog(changes: u64) {
+    gauge!(CHANGE_FEED_BACKLOG).set(changes as f64);
+}
+
+pub fn record_follower_state(current: FollowerState) {
+    for state in FollowerState::ALL {
+        gauge!(CHANGE_FEED_FOLLOWER, "state" => state.as_str()).set(if state == current {
+            1.0
+        } else {
+            0.0
+        });
+    }
 }
 
 /// Status codes as static label values, so counting a response allocates nothing.

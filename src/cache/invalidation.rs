@@ -26,9 +26,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::cache::Invalidation;
 use crate::items::model::ItemId;
+use crate::metrics::{self, InvalidationSource};
 
 /// How often pending invalidations are retried: often enough that a recovered Redis is
 /// cleaned within a fraction of a second, rarely enough to cost nothing while it is down
@@ -43,10 +45,18 @@ pub struct Pending {
     count: AtomicUsize,
 }
 
+#[derive(Clone, Copy)]
+struct Queue {
+    generation: u64,
+    cause: Invalidation,
+    since: Instant,
+}
+
 #[derive(Default)]
 struct Queued {
-    /// Each pending id, with the generation of the latest write that queued it.
-    ids: HashMap<ItemId, u64>,
+    /// Each pending id: the generation and cause of the latest write that queued it, and
+    /// when the oldest write not yet invalidated committed (the lag metric's start).
+    ids: HashMap<ItemId, Queue>,
     next_generation: u64,
 }
 
@@ -57,11 +67,22 @@ impl Pending {
 
     /// Queues `id` for a write whose invalidation failed; a later write of an id already
     /// queued gives it a new generation.
-    pub fn add(&self, id: ItemId) {
+    pub fn add(&self, id: ItemId, cause: Invalidation, committed: Instant) {
         let mut queued = self.queued();
         queued.next_generation += 1;
         let generation = queued.next_generation;
-        queued.ids.insert(id, generation);
+        let since = queued
+            .ids
+            .get(&id)
+            .map_or(committed, |q| q.since.min(committed));
+        queued.ids.insert(
+            id,
+            Queue {
+                generation,
+                cause,
+                since,
+            },
+        );
         self.count.store(queued.ids.len(), Ordering::Release);
     }
 
@@ -91,23 +112,28 @@ impl Pending {
     /// queued it again meanwhile. Returns how many were cleared.
     pub async fn retry<F, Fut, E>(&self, invalidate: F) -> usize
     where
-        F: Fn(ItemId) -> Fut,
+        F: Fn(ItemId, Invalidation) -> Fut,
         Fut: Future<Output = Result<(), E>>,
     {
         if self.is_empty() {
             return 0;
         }
-        let snapshot: Vec<(ItemId, u64)> =
-            self.queued().ids.iter().map(|(&id, &g)| (id, g)).collect();
+        let snapshot: Vec<(ItemId, Queue)> =
+            self.queued().ids.iter().map(|(&id, &q)| (id, q)).collect();
         let mut cleared = 0;
-        for (id, generation) in snapshot {
-            if invalidate(id).await.is_err() {
+        for (id, taken) in snapshot {
+            if invalidate(id, taken.cause).await.is_err() {
                 break;
             }
             let mut queued = self.queued();
-            if queued.ids.get(&id) == Some(&generation) {
+            if queued
+                .ids
+                .get(&id)
+                .is_some_and(|q| q.generation == taken.generation)
+            {
                 queued.ids.remove(&id);
                 cleared += 1;
+                metrics::record_invalidation_lag(InvalidationSource::Api, taken.since.elapsed());
             }
             self.count.store(queued.ids.len(), Ordering::Release);
         }
@@ -131,13 +157,13 @@ mod tests {
     #[tokio::test]
     async fn a_write_queued_during_a_retry_stays_queued() {
         let pending = Pending::default();
-        pending.add(id(7));
-        pending.add(id(8));
+        pending.add(id(7), Invalidation::Eviction, Instant::now());
+        pending.add(id(8), Invalidation::Eviction, Instant::now());
         let cleared = pending
-            .retry(|n| {
+            .retry(|n, _| {
                 if n == id(7) {
                     // The second write's invalidation failed just now.
-                    pending.add(id(7));
+                    pending.add(id(7), Invalidation::Eviction, Instant::now());
                 }
                 async { Ok::<(), ()>(()) }
             })
@@ -150,15 +176,15 @@ mod tests {
         assert!(!pending.contains(id(8)));
         assert_eq!(pending.len(), 1);
 
-        let cleared = pending.retry(|_| async { Ok::<(), ()>(()) }).await;
+        let cleared = pending.retry(|_, _| async { Ok::<(), ()>(()) }).await;
         assert_eq!((cleared, pending.len()), (1, 0));
     }
 
     #[tokio::test]
     async fn a_failed_retry_keeps_the_id() {
         let pending = Pending::default();
-        pending.add(id(3));
-        let cleared = pending.retry(|_| async { Err::<(), ()>(()) }).await;
+        pending.add(id(3), Invalidation::Eviction, Instant::now());
+        let cleared = pending.retry(|_, _| async { Err::<(), ()>(()) }).await;
         assert_eq!(cleared, 0);
         assert!(pending.contains(id(3)));
     }

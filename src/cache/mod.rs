@@ -44,10 +44,31 @@ pub enum CacheError {
     UnexpectedReply(&'static str),
 }
 
-/// The write stamp a reader noted before reading Postgres; empty when the id was never
-/// written (or its stamp expired). See [`redis::FILL_SCRIPT`].
+/// What a reader noted before reading Postgres: the id's write stamp (empty when the id
+/// was never written, or its stamp expired) and the key space's flush token (empty until
+/// the first truncate). See [`redis::FILL_SCRIPT`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Stamp(Bytes);
+pub struct Stamp {
+    write: Bytes,
+    flush: Bytes,
+}
+
+/// Why an id is invalidated: a write (by the id of its transaction, so that the API's
+/// invalidation and the change feed's of the same write apply once; see
+/// [`redis::INVALIDATE_SCRIPT`]), or an eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation {
+    Write(i64),
+    Eviction,
+}
+
+/// How many ids one invalidation script call covers: big batches (the change feed after a
+/// bulk UPDATE) are cut so that no script holds Redis for long (500 ids: well under a
+/// millisecond of Redis time).
+pub const INVALIDATE_CHUNK: usize = 500;
+
+/// How many keys one `SCAN` step asks for when a truncate drops every entry.
+const SCAN_COUNT: usize = 1000;
 
 /// One entry to store if the id's stamp is still the one noted.
 #[derive(Debug)]
@@ -110,21 +131,25 @@ impl Cache {
         }
     }
 
-    /// The current write stamps of `ids`, in order: one `MGET`. Taken before reading
-    /// Postgres, so that a fill can prove no write came in between.
+    /// The current write stamps of `ids`, in order, with the flush token: one `MGET`.
+    /// Taken before reading Postgres, so that a fill can prove no write came in between.
     pub async fn stamps(&self, ids: &[ItemId]) -> Result<Vec<Stamp>, CacheError> {
         let mut cmd = ::redis::cmd("MGET");
         for &id in ids {
             cmd.arg(self.keys.stamp(id));
         }
+        cmd.arg(self.keys.flush());
         match self.run(CacheOp::Mget, &cmd).await? {
-            Value::Array(values) if values.len() == ids.len() => Ok(values
-                .into_iter()
-                .map(|v| match v {
-                    Value::BulkString(raw) => Stamp(Bytes::from(raw)),
-                    _ => Stamp::default(),
-                })
-                .collect()),
+            Value::Array(mut values) if values.len() == ids.len() + 1 => {
+                let flush = bytes_of(values.pop());
+                Ok(values
+                    .into_iter()
+                    .map(|v| Stamp {
+                        write: bytes_of(Some(v)),
+                        flush: flush.clone(),
+                    })
+                    .collect())
+            }
             _ => Err(CacheError::UnexpectedReply("MGET")),
         }
     }
@@ -136,11 +161,13 @@ impl Cache {
             return Ok(0);
         }
         let mut invocation = self.fill_script.prepare_invoke();
+        invocation.key(self.keys.flush());
         for fill in fills {
             invocation
                 .key(self.keys.entry(fill.id))
                 .key(self.keys.stamp(fill.id))
-                .arg(fill.noted.0.as_ref())
+                .arg(fill.noted.write.as_ref())
+                .arg(fill.noted.flush.as_ref())
                 .arg(fill.entry.encode())
                 .arg(fill.ttl.as_millis().max(1) as u64);
         }
@@ -150,17 +177,85 @@ impl Cache {
 
     /// After a write's commit: a new stamp for `id` and its entry deleted, atomically. The
     /// next read goes to Postgres, and a reader that read before the write cannot fill.
-    pub async fn invalidate(&self, id: ItemId) -> Result<(), CacheError> {
-        let stamp = format!("{:016x}", rand::rng().random::<u64>());
-        let mut invocation = self.invalidate_script.prepare_invoke();
-        invocation
-            .key(self.keys.entry(id))
-            .key(self.keys.stamp(id))
-            .arg(stamp)
-            .arg(STAMP_TTL.as_millis() as u64);
-        self.invoke::<i64>(CacheOp::Delete, &invocation)
-            .await
-            .map(drop)
+    pub async fn invalidate(&self, id: ItemId, cause: Invalidation) -> Result<(), CacheError> {
+        self.invalidate_many(CacheOp::Delete, &[(id, cause)]).await
+    }
+
+    /// [`Cache::invalidate`] for many ids: one script call per [`INVALIDATE_CHUNK`] ids,
+    /// counted as `op`.
+    pub async fn invalidate_many(
+        &self,
+        op: CacheOp,
+        ids: &[(ItemId, Invalidation)],
+    ) -> Result<(), CacheError> {
+        for chunk in ids.chunks(INVALIDATE_CHUNK) {
+            let mut invocation = self.invalidate_script.prepare_invoke();
+            invocation.arg(STAMP_TTL.as_millis() as u64);
+            for &(id, cause) in chunk {
+                let random = rand::rng().random::<u64>();
+                let (tag, stamp) = match cause {
+                    Invalidation::Write(txid) => {
+                        (format!("t{txid}"), format!("t{txid}:{random:016x}"))
+                    }
+                    Invalidation::Eviction => (String::new(), format!("e:{random:016x}")),
+                };
+                invocation
+                    .key(self.keys.entry(id))
+                    .key(self.keys.stamp(id))
+                    .arg(tag)
+                    .arg(stamp);
+            }
+            self.invoke::<i64>(op, &invocation).await?;
+        }
+        Ok(())
+    }
+
+    /// After a truncate: a new flush token (so no reader that noted the old one fills),
+    /// then every entry of the key space deleted, `SCAN` step by step. Entries are served
+    /// until the scan reaches them: the scan's duration bounds that (see
+    /// `docs/cache-design.md`).
+    pub async fn flush_entries(&self) -> Result<usize, CacheError> {
+        let mut set = ::redis::cmd("SET");
+        set.arg(self.keys.flush())
+            .arg(format!("{:016x}", rand::rng().random::<u64>()));
+        self.run(CacheOp::Feed, &set).await?;
+        let pattern = self.keys.entry_pattern();
+        let mut cursor = 0u64;
+        let mut deleted = 0;
+        loop {
+            let mut scan = ::redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let (next, keys): (u64, Vec<String>) = match self.run(CacheOp::Delete, &scan).await? {
+                Value::Array(mut reply) if reply.len() == 2 => {
+                    let keys = reply.pop();
+                    let next = reply.pop();
+                    match (next, keys) {
+                        (Some(next), Some(keys)) => (
+                            ::redis::from_redis_value(next)
+                                .map_err(|_| CacheError::UnexpectedReply("SCAN"))?,
+                            ::redis::from_redis_value(keys)
+                                .map_err(|_| CacheError::UnexpectedReply("SCAN"))?,
+                        ),
+                        _ => return Err(CacheError::UnexpectedReply("SCAN")),
+                    }
+                }
+                _ => return Err(CacheError::UnexpectedReply("SCAN")),
+            };
+            if !keys.is_empty() {
+                deleted += keys.len();
+                let mut unlink = ::redis::cmd("UNLINK");
+                unlink.arg(&keys);
+                self.run(CacheOp::Feed, &unlink).await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
     }
 
     /// `PING`, for `/readyz`: its own `op` label, and outside the circuit breaker, so that
@@ -249,6 +344,14 @@ impl Cache {
         if result.is_err() {
             metrics::record_cache_error(op);
         }
+    }
+}
+
+/// A bulk string's bytes; empty for anything else (nil: no such key).
+fn bytes_of(value: Option<Value>) -> Bytes {
+    match value {
+        Some(Value::BulkString(raw)) => Bytes::from(raw),
+        _ => Bytes::new(),
     }
 }
 

@@ -38,14 +38,19 @@ use crate::items::model::{ItemId, ItemJson};
 /// would return v3 until the TTL ran out. Stamps are random, not counters, so a stamp that
 /// expired and was written again can never look unchanged (no ABA).
 ///
-/// KEYS: entry, stamp pairs. ARGV: noted stamp ("" for none), value, ttl_ms triples.
-/// Returns 1 (filled) or 0 for each pair.
+/// A `TRUNCATE` (seen through the change feed) replaces the key space's flush token, which
+/// every reader notes with its stamps: a reader that noted the token before the truncate
+/// cannot fill either.
+///
+/// KEYS: the flush token, then entry, stamp pairs. ARGV: noted stamp ("" for none), noted
+/// flush token, value, ttl_ms for each pair. Returns 1 (filled) or 0 for each pair.
 pub const FILL_SCRIPT: &str = r"
+local flush = redis.call('GET', KEYS[1]) or ''
 local filled = {}
-for i = 1, #KEYS, 2 do
-  local a = (i - 1) / 2 * 3
-  if (redis.call('GET', KEYS[i + 1]) or '') == ARGV[a + 1] then
-    redis.call('SET', KEYS[i], ARGV[a + 2], 'PX', ARGV[a + 3])
+for i = 2, #KEYS, 2 do
+  local a = (i - 2) / 2 * 4
+  if flush == ARGV[a + 2] and (redis.call('GET', KEYS[i + 1]) or '') == ARGV[a + 1] then
+    redis.call('SET', KEYS[i], ARGV[a + 3], 'PX', ARGV[a + 4])
     filled[#filled + 1] = 1
   else
     filled[#filled + 1] = 0
@@ -54,14 +59,35 @@ end
 return filled
 ";
 
-/// A write's invalidation, atomic in Redis: a new stamp (so in-flight readers cannot
-/// fill), then the entry gone (so the next read goes to Postgres).
+/// Writes' invalidations, atomic in Redis: for each id the entry gone (so the next read
+/// goes to Postgres) and a new stamp (so in-flight readers cannot fill) — unless the stamp
+/// already carries this write's tag.
 ///
-/// KEYS: entry, stamp. ARGV: new stamp, stamp ttl_ms.
+/// A write's stamp is `t<txid>:<random>`, tagged with the id of its transaction. The API
+/// invalidates right after its commit, and the change feed sees the same change a moment
+/// later: finding the stamp tagged with the change's transaction, it knows an invalidation
+/// after that commit has landed, and leaves alone the entry that a reader may have filled
+/// since (without the tag, every API write would cost a second miss). An untagged
+/// invalidation (an eviction) always applies.
+///
+/// The `DEL` comes before the `SET`: at `maxmemory` under `noeviction` Redis refuses a
+/// script whose first write would grow memory, but lets a script that has begun writing
+/// finish, so the stamps still change when memory is full.
+///
+/// KEYS: entry, stamp pairs. ARGV: stamp ttl_ms, then for each pair its tag (`t<txid>`, or
+/// "" for none) and its new stamp. Returns how many ids were invalidated.
 pub const INVALIDATE_SCRIPT: &str = r"
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('DEL', KEYS[1])
-return 1
+local n = 0
+for i = 1, #KEYS, 2 do
+  local tag = ARGV[i + 1]
+  local current = redis.call('GET', KEYS[i + 1]) or ''
+  if tag == '' or string.sub(current, 1, #tag + 1) ~= tag .. ':' then
+    redis.call('DEL', KEYS[i])
+    redis.call('SET', KEYS[i + 1], ARGV[i + 2], 'PX', ARGV[1])
+    n = n + 1
+  end
+end
+return n
 ";
 
 /// Key names under `CACHE_KEY_PREFIX`.
@@ -83,6 +109,24 @@ impl Keys {
 
     pub fn stamp(&self, id: ItemId) -> String {
         format!("{}stamp:{id}", self.prefix)
+    }
+
+    /// The key space's flush token, replaced when the table is truncated.
+    pub fn flush(&self) -> String {
+        format!("{}flush", self.prefix)
+    }
+
+    /// A `SCAN MATCH` pattern for every entry key (the prefix's glob characters escaped).
+    pub fn entry_pattern(&self) -> String {
+        let mut pattern = String::with_capacity(self.prefix.len() + 8);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push_str("item:*");
+        pattern
     }
 
     pub fn prefix(&self) -> &str {
@@ -179,6 +223,15 @@ mod tests {
         assert_eq!(
             Entry::decode(Bytes::from(not_found.encode())),
             Some(not_found)
+        );
+    }
+
+    #[test]
+    fn the_entry_pattern_matches_the_prefix_literally() {
+        assert_eq!(Keys::new("app:").entry_pattern(), "app:item:*");
+        assert_eq!(
+            Keys::new("a*b?[c]:").entry_pattern(),
+            "a\\*b\\?\\[c\\]:item:*"
         );
     }
 

@@ -189,6 +189,15 @@ where
             .flights
             .remove(key);
     }
+
+    /// [`Flights::forget`] for every key (after a truncate).
+    pub fn forget_all(&self) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flights
+            .clear();
+    }
 }
 
 /// The keys a leader registered; unregistered when it finishes (or marked finished, if

@@ -39,7 +39,7 @@ const INDEX: &str = r#"<!DOCTYPE html>
 
 /// The OpenAPI 3.1 document of this API
 ///
-/// Generated from the code at every request (it is small): the operations from the handlers'
+/// Generated from the code once, at the first request: the operations from the handlers'
 /// annotations, so it cannot drift from what is served. With `WRITE_TOKEN` set, writes carry
 /// the `bearer` security scheme.
 #[utoipa::path(
@@ -96,9 +96,8 @@ pub async fn swagger_file(file: web::Path<String>) -> Result<HttpResponse, ApiEr
                 .body(bytes))
         }
         Ok(None) => Err(ApiError::RouteNotFound),
-        Err(cause) => {
-            tracing::error!(error = %cause, file, "serving a swagger ui file");
-            Err(ApiError::Internal)
-        }
+        Err(cause) => Err(ApiError::Internal(
+            format!("serving the swagger ui file {file}: {cause}").into(),
+        )),
     }
 }

@@ -53,12 +53,13 @@ pub enum ApiError {
     /// 503 `overloaded`, with `Retry-After`: shed because too much Postgres work waits.
     #[error("the service is overloaded; retry shortly")]
     Overloaded,
-    /// 503 `database_unavailable`, with `Retry-After`.
+    /// 503 `database_unavailable`, with `Retry-After`; the cause is logged (at debug: an
+    /// outage is logged where it starts and ends, in `items::repo`).
     #[error("the database is unavailable; retry shortly")]
-    DatabaseUnavailable,
+    DatabaseUnavailable(#[source] Option<ServiceError>),
     /// 500 `internal_error`: a bug; the cause is logged, not sent.
     #[error("internal error")]
-    Internal,
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl ApiError {
@@ -76,9 +77,9 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Validation(_) => "validation_failed",
-            ApiError::DatabaseUnavailable => "database_unavailable",
+            ApiError::DatabaseUnavailable(_) => "database_unavailable",
             ApiError::Overloaded => "overloaded",
-            ApiError::Internal => "internal_error",
+            ApiError::Internal(_) => "internal_error",
         }
     }
 
@@ -96,9 +97,9 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "Payload too large",
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::Validation(_) => "Validation failed",
-            ApiError::DatabaseUnavailable => "Database unavailable",
+            ApiError::DatabaseUnavailable(_) => "Database unavailable",
             ApiError::Overloaded => "Overloaded",
-            ApiError::Internal => "Internal error",
+            ApiError::Internal(_) => "Internal error",
         }
     }
 }
@@ -108,14 +109,10 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::NotFound => ApiError::ItemNotFound,
             ServiceError::VersionConflict => ApiError::VersionConflict,
-            ServiceError::DatabaseUnavailable(_) => {
-                tracing::debug!(error = %crate::report::chain(&e), "answering 503: postgres unavailable");
-                ApiError::DatabaseUnavailable
-            }
+            ServiceError::DatabaseUnavailable(_) => ApiError::DatabaseUnavailable(Some(e)),
             ServiceError::Overloaded => ApiError::Overloaded,
             ServiceError::Database(_) | ServiceError::Unanswered(_) => {
-                tracing::error!(error = %crate::report::chain(&e), "database error");
-                ApiError::Internal
+                ApiError::Internal(Box::new(e))
             }
         }
     }
@@ -133,7 +130,7 @@ impl From<ServiceError> for ApiError {
 pub(crate) struct Problem<'a> {
     /// `urn:itemcache:problem:` and the code.
     #[serde(rename = "type")]
-    #[schema(pattern = "^urn:itemcache:problem:[a-z][a-z_]*$")]
+    #[schema(pattern = "^urn:itemcache:problem:[a-z][a-z0-9_]*$")]
     kind: String,
     title: &'a str,
     /// The response's status.
@@ -142,7 +139,7 @@ pub(crate) struct Problem<'a> {
     /// What went wrong, for a person.
     detail: String,
     /// Stable snake_case: what clients branch on.
-    #[schema(pattern = "^[a-z][a-z_]*$")]
+    #[schema(pattern = "^[a-z][a-z0-9_]*$")]
     code: &'a str,
     /// `validation_failed` only: every field's problem.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,12 +163,28 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::DatabaseUnavailable | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::DatabaseUnavailable(_) | ApiError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "a problem document is strings and numbers: serializing it cannot fail"
+    )]
     fn error_response(&self) -> HttpResponse {
+        // The one place a failure is logged: where its response is made.
+        match self {
+            ApiError::Internal(_) => {
+                tracing::error!(error = %crate::report::chain(self), "answering 500");
+            }
+            ApiError::DatabaseUnavailable(Some(_)) => {
+                tracing::debug!(error = %crate::report::chain(self), "answering 503");
+            }
+            _ => {}
+        }
         let status = self.status_code();
         let problem = Problem {
             kind: format!("urn:itemcache:problem:{}", self.code()),
@@ -187,7 +200,7 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(status);
         response.insert_header((header::CONTENT_TYPE, PROBLEM_JSON));
         match self {
-            ApiError::DatabaseUnavailable | ApiError::Overloaded => {
+            ApiError::DatabaseUnavailable(_) | ApiError::Overloaded => {
                 response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS));
             }
             ApiError::Unauthorized => {
@@ -199,7 +212,7 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        response.body(serde_json::to_vec(&problem).unwrap_or_default())
+        response.body(serde_json::to_vec(&problem).expect("a problem document serializes"))
     }
 }
 

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::http::AppState;
 use crate::http::openapi;
+use crate::metrics::FollowerState;
 
 /// Liveness
 ///
@@ -30,12 +31,17 @@ pub(crate) struct Readiness {
     postgres: &'static str,
     #[schema(value_type = openapi::Backend)]
     redis: &'static str,
+    /// The change feed follower: `applying` (this instance applies the feed), `standby`
+    /// (following; another instance applies), `down` (not connected: changes made by
+    /// other programs wait in Postgres until a follower applies them).
+    change_feed: FollowerState,
 }
 
 /// Readiness
 ///
-/// 200 `ok` with both up, 200 `degraded` with Redis down (reads go to Postgres),
-/// 503 `unavailable` with Postgres down. Each check is bounded by its pool's timeouts.
+/// 200 `ok` with both up, 200 `degraded` with Redis down (reads go to Postgres) or the
+/// change feed not followed, 503 `unavailable` with Postgres down. Each check is bounded
+/// by its pool's timeouts.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -47,14 +53,16 @@ pub(crate) struct Readiness {
 )]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let (postgres, redis) = tokio::join!(state.service.ping_postgres(), state.service.ping_redis());
+    let change_feed = state.feed.state();
     let readiness = Readiness {
-        status: match (&postgres, &redis) {
-            (Err(_), _) => "unavailable",
-            (Ok(()), Err(_)) => "degraded",
-            (Ok(()), Ok(())) => "ok",
+        status: match (&postgres, &redis, change_feed) {
+            (Err(_), _, _) => "unavailable",
+            (Ok(()), Err(_), _) | (Ok(()), Ok(()), FollowerState::Down) => "degraded",
+            (Ok(()), Ok(()), _) => "ok",
         },
         postgres: if postgres.is_ok() { "ok" } else { "down" },
         redis: if redis.is_ok() { "ok" } else { "down" },
+        change_feed,
     };
     if postgres.is_ok() {
         HttpResponse::Ok().json(readiness)

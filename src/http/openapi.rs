@@ -136,9 +136,13 @@ pub fn document_json(writes_need_token: bool) -> Bytes {
     }
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "a document of strings, numbers and maps always serializes; an empty document \
+              would be a plausible wrong answer"
+)]
 fn serialized(writes_need_token: bool) -> Bytes {
-    // A document of strings, numbers and maps always serializes.
-    Bytes::from(serde_json::to_vec(&document(writes_need_token)).unwrap_or_default())
+    Bytes::from(serde_json::to_vec(&document(writes_need_token)).expect("the document serializes"))
 }
 
 fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = (Method, &mut Operation)> {
@@ -391,7 +395,7 @@ impl IntoResponses for GetItemProblems {
         let mut responses = problems(&[
             ApiError::InvalidId,
             ApiError::ItemNotFound,
-            ApiError::DatabaseUnavailable,
+            ApiError::DatabaseUnavailable(None),
             ApiError::Overloaded,
         ]);
         if let Some(RefOr::T(not_found)) = responses.get_mut("404") {
@@ -410,7 +414,7 @@ problem_responses! {
     GetItemsProblems: [
         invalid_ids(),
         invalid_query(),
-        ApiError::DatabaseUnavailable,
+        ApiError::DatabaseUnavailable(None),
         ApiError::Overloaded,
     ];
     /// `POST /items`.
@@ -420,7 +424,7 @@ problem_responses! {
         ApiError::PayloadTooLarge(BODY_LIMIT),
         ApiError::UnsupportedMediaType,
         validation_failed(),
-        ApiError::DatabaseUnavailable,
+        ApiError::DatabaseUnavailable(None),
         ApiError::Overloaded,
     ];
     /// `PATCH /items/{id}`.
@@ -433,7 +437,7 @@ problem_responses! {
         ApiError::PayloadTooLarge(BODY_LIMIT),
         ApiError::UnsupportedMediaType,
         validation_failed(),
-        ApiError::DatabaseUnavailable,
+        ApiError::DatabaseUnavailable(None),
         ApiError::Overloaded,
     ];
     /// `DELETE /items/{id}`.
@@ -442,7 +446,7 @@ problem_responses! {
         ApiError::Unauthorized,
         ApiError::ItemNotFound,
         ApiError::VersionConflict,
-        ApiError::DatabaseUnavailable,
+        ApiError::DatabaseUnavailable(None),
         ApiError::Overloaded,
     ];
     /// `DELETE /cache/items/{id}`.
@@ -553,8 +557,8 @@ pub enum HealthStatus {
 }
 
 // The values of `Readiness::status` (a `&str` there).
-/// `ok`: both up; `degraded`: Redis down (reads go to Postgres); `unavailable`: Postgres
-/// down (503).
+/// `ok`: both up; `degraded`: Redis down (reads go to Postgres) or the change feed not
+/// followed; `unavailable`: Postgres down (503).
 #[derive(ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadinessStatus {
@@ -850,7 +854,7 @@ mod tests {
             .as_object()
             .cloned()
             .unwrap_or_default();
-        for error in [validation_failed(), ApiError::DatabaseUnavailable] {
+        for error in [validation_failed(), ApiError::DatabaseUnavailable(None)] {
             let body = error.error_response().into_body().try_into_bytes();
             let sent: Value = body
                 .ok()

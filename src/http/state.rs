@@ -2,6 +2,7 @@
 //! the HTTP layer.
 
 use crate::config::WriteToken;
+use crate::feed::Feed;
 use crate::items::service::ItemService;
 use crate::metrics::{self, PoolName};
 
@@ -9,6 +10,8 @@ pub struct AppState {
     pub service: ItemService,
     pub write_token: Option<WriteToken>,
     pub metrics: metrics::Exporter,
+    /// The change feed follower's state, for `/readyz`.
+    pub feed: Feed,
 }
 
 impl AppState {

@@ -100,6 +100,17 @@ const OUTAGE_MESSAGES: &[(&str, &str)] = &[
     ("55P03", "canceling statement due to lock timeout"),
 ];
 
+/// The id of the transaction that made a write (`txid_current()`), which the change feed
+/// records with each change: the cache tags the write's invalidation with it, so that the
+/// feed can tell the change was invalidated already (see `cache::redis::INVALIDATE_SCRIPT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Txid(pub i64);
+
+/// `txid_current()` in a `RETURNING` list.
+fn txid() -> diesel::expression::SqlLiteral<diesel::sql_types::BigInt> {
+    diesel::dsl::sql::<diesel::sql_types::BigInt>("txid_current()")
+}
+
 /// What an update or delete guarded by `If-Match` came to.
 #[derive(Debug)]
 pub enum WriteOutcome<T> {
@@ -206,16 +217,17 @@ impl ItemRepo {
     }
 
     #[tracing::instrument(skip_all)]
-    pub async fn insert_item(&self, new: &NewItem) -> Result<Item, RepoError> {
+    pub async fn insert_item(&self, new: &NewItem) -> Result<(Item, Txid), RepoError> {
         let started = Instant::now();
         let (mut conn, _in_flight) = self.checkout().await?;
         let item = diesel::insert_into(items::table)
             .values(new)
-            .returning(Item::as_returning())
-            .get_result(&mut conn)
+            .returning((Item::as_returning(), txid()))
+            .get_result::<(Item, i64)>(&mut conn)
             .await;
         metrics::record_db_query(DbQuery::InsertItem, started.elapsed());
-        Ok(item?)
+        let (item, txid) = item?;
+        Ok((item, Txid(txid)))
     }
 
     /// Applies `patch` if the row is at one of the `expected` versions (`If-Match`), or
@@ -227,7 +239,7 @@ impl ItemRepo {
         id: ItemId,
         patch: &ItemPatch,
         expected: Option<&[i64]>,
-    ) -> Result<WriteOutcome<Item>, RepoError> {
+    ) -> Result<WriteOutcome<(Item, Txid)>, RepoError> {
         let started = Instant::now();
         let (mut conn, _in_flight) = self.checkout().await?;
         let target = items::table.filter(items::id.eq(id.get()));
@@ -235,22 +247,22 @@ impl ItemRepo {
             Some(versions) => {
                 diesel::update(target.filter(items::version.eq_any(versions.to_vec())))
                     .set(patch)
-                    .returning(Item::as_returning())
-                    .get_result(&mut conn)
+                    .returning((Item::as_returning(), txid()))
+                    .get_result::<(Item, i64)>(&mut conn)
                     .await
             }
             None => {
                 diesel::update(target)
                     .set(patch)
-                    .returning(Item::as_returning())
-                    .get_result(&mut conn)
+                    .returning((Item::as_returning(), txid()))
+                    .get_result::<(Item, i64)>(&mut conn)
                     .await
             }
         }
         .optional();
         metrics::record_db_query(DbQuery::UpdateItem, started.elapsed());
         match updated? {
-            Some(item) => Ok(WriteOutcome::Done(item)),
+            Some((item, txid)) => Ok(WriteOutcome::Done((item, Txid(txid)))),
             None => Ok(self.why_not_written(&mut conn, id).await?),
         }
     }
@@ -261,22 +273,29 @@ impl ItemRepo {
         &self,
         id: ItemId,
         expected: Option<&[i64]>,
-    ) -> Result<WriteOutcome<()>, RepoError> {
+    ) -> Result<WriteOutcome<Txid>, RepoError> {
         let started = Instant::now();
         let (mut conn, _in_flight) = self.checkout().await?;
         let target = items::table.filter(items::id.eq(id.get()));
         let deleted = match expected {
             Some(versions) => {
                 diesel::delete(target.filter(items::version.eq_any(versions.to_vec())))
-                    .execute(&mut conn)
+                    .returning(txid())
+                    .get_result::<i64>(&mut conn)
                     .await
             }
-            None => diesel::delete(target).execute(&mut conn).await,
-        };
+            None => {
+                diesel::delete(target)
+                    .returning(txid())
+                    .get_result::<i64>(&mut conn)
+                    .await
+            }
+        }
+        .optional();
         metrics::record_db_query(DbQuery::DeleteItem, started.elapsed());
         match deleted? {
-            0 => Ok(self.why_not_written(&mut conn, id).await?),
-            _ => Ok(WriteOutcome::Done(())),
+            None => Ok(self.why_not_written(&mut conn, id).await?),
+            Some(txid) => Ok(WriteOutcome::Done(Txid(txid))),
         }
     }
 

@@ -17,12 +17,12 @@ use rand::Rng;
 
 use crate::cache::invalidation::Pending;
 use crate::cache::singleflight::Flights;
-use crate::cache::{Cache, CacheError, Cached, Entry, Fill, Stamp};
+use crate::cache::{Cache, CacheError, Cached, Entry, Fill, Invalidation, Stamp};
 use crate::config::{CacheMode, Settings};
 use crate::failpoints;
 use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
 use crate::items::repo::{ItemRepo, RepoError, WriteOutcome};
-use crate::metrics::{self, CacheStatus};
+use crate::metrics::{self, CacheStatus, InvalidationSource};
 
 /// What the service could not do. `http/errors.rs` turns each into a status and a code.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -416,10 +416,12 @@ impl ItemService {
 
     #[tracing::instrument(skip_all)]
     pub async fn create(&self, new: &NewItem) -> Result<Item, ServiceError> {
-        let item = self.inner.repo.insert_item(new).await?;
+        let (item, txid) = self.inner.repo.insert_item(new).await?;
+        let committed = Instant::now();
         // A "not found" for this id may be cached (someone read it before it existed).
         if let Some(id) = ItemId::new(item.id) {
-            self.invalidate(id).await;
+            self.invalidate(id, Invalidation::Write(txid.0), committed)
+                .await;
         }
         Ok(item)
     }
@@ -432,40 +434,77 @@ impl ItemService {
         expected: Option<&[i64]>,
     ) -> Result<Item, ServiceError> {
         let outcome = self.inner.repo.update_item(id, patch, expected).await?;
-        let item = written(outcome)?;
-        self.invalidate(id).await;
+        let committed = Instant::now();
+        let (item, txid) = written(outcome)?;
+        self.invalidate(id, Invalidation::Write(txid.0), committed)
+            .await;
         Ok(item)
     }
 
     #[tracing::instrument(skip_all, fields(item.id = %id))]
     pub async fn delete(&self, id: ItemId, expected: Option<&[i64]>) -> Result<(), ServiceError> {
         let outcome = self.inner.repo.delete_item(id, expected).await?;
-        written(outcome)?;
-        self.invalidate(id).await;
+        let committed = Instant::now();
+        let txid = written(outcome)?;
+        self.invalidate(id, Invalidation::Write(txid.0), committed)
+            .await;
         Ok(())
     }
 
     /// `DELETE /cache/items/{id}`: drops the entry, leaves Postgres alone.
     #[tracing::instrument(skip_all, fields(item.id = %id))]
     pub async fn evict(&self, id: ItemId) {
-        self.invalidate(id).await;
+        self.invalidate(id, Invalidation::Eviction, Instant::now())
+            .await;
     }
 
     /// After a commit: new readers on this instance start a new load, and in Redis the
     /// id gets a new stamp and loses its entry, so the next read goes to Postgres and a
     /// reader that read before the commit cannot fill.
-    async fn invalidate(&self, id: ItemId) {
+    /// `committed`: when the write committed, for the lag metric (writes only).
+    async fn invalidate(&self, id: ItemId, cause: Invalidation, committed: Instant) {
         self.inner.flights.forget(&id);
-        if let Err(e) = self.inner.cache.invalidate(id).await {
-            tracing::debug!(item.id = %id, error = %e, "cache invalidation failed; queued for retry");
-            self.inner.pending.add(id);
+        match self.inner.cache.invalidate(id, cause).await {
+            Ok(()) => {
+                if let Invalidation::Write(_) = cause {
+                    metrics::record_invalidation_lag(InvalidationSource::Api, committed.elapsed());
+                }
+            }
+            Err(e) => {
+                tracing::debug!(item.id = %id, error = %e, "cache invalidation failed; queued for retry");
+                self.inner.pending.add(id, cause, committed);
+            }
         }
+    }
+
+    /// Applies changes seen in the change feed (`feed`): the same invalidation as the
+    /// API's writes, for `changed`, and for a truncate every entry of the key space. An error
+    /// leaves the changes to be applied again (the feed keeps them until this succeeds).
+    pub async fn apply_changes(
+        &self,
+        changed: &[(ItemId, Invalidation)],
+        truncated: bool,
+    ) -> Result<(), CacheError> {
+        if truncated {
+            self.inner.flights.forget_all();
+            self.inner.cache.flush_entries().await?;
+        }
+        for (id, _) in changed {
+            self.inner.flights.forget(id);
+        }
+        self.inner
+            .cache
+            .invalidate_many(metrics::CacheOp::Feed, changed)
+            .await
     }
 
     /// Retries the invalidations that failed; called periodically by the application.
     pub async fn retry_invalidations(&self) -> usize {
         let cache = &self.inner.cache;
-        self.inner.pending.retry(|id| cache.invalidate(id)).await
+        self.inner
+            .pending
+            .retry(|id, cause| cache.invalidate(id, cause))
+            .await
     }
 
     /// How many invalidations wait for Redis.

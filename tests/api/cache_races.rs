@@ -179,6 +179,7 @@ async fn a_read_without_a_stamp_does_not_join_a_load_from_before_a_write() {
     let reading = Arc::new(
         Spawn::default()
             .backends(writing.backends.clone())
+            .database(&writing.database)
             .var(
                 "DATABASE_URL",
                 format!(
@@ -238,11 +239,19 @@ async fn an_eviction_during_a_read_leaves_no_entry_behind() {
     assert_eq!(header(&app.get_item(id).await, "x-cache"), "MISS");
 }
 
+/// Versions of one id written behind the service's back, with when each was acknowledged.
+type ExternalWrites = std::sync::Mutex<Vec<(Instant, i64)>>;
+
 /// Concurrent writers, readers and evictions over a few hot ids, on two instances sharing
-/// one Redis: no read that started after a write's acknowledgement returns an older version.
+/// one Redis, and a writer behind the service's back (plain SQL): no read that started
+/// after a write's acknowledgement returns an older version — for the external writer's
+/// writes, once the change feed's lag bound has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_random_concurrent_writes_no_read_goes_back_in_time() {
     const HOT_IDS: usize = 3;
+    // The change feed's bound for writes made outside the service (docs/cache-design.md):
+    // a NOTIFY wakes it at once; its slow timer reads the queue every second.
+    const EXTERNAL_LAG: Duration = Duration::from_secs(1);
     const RUN_FOR: Duration = Duration::from_secs(4);
     let a = Arc::new(spawn_app().await);
     let b = Arc::new(a.another_instance().await);
@@ -265,10 +274,44 @@ async fn under_random_concurrent_writes_no_read_goes_back_in_time() {
         AtomicUsize::new(0), // evictions
     ]);
     let violations = Arc::new(AtomicUsize::new(0));
+    // Versions written behind the service's back (plain SQL, as psql would), with when
+    // each was acknowledged: the change feed applies them within EXTERNAL_LAG.
+    let external: Arc<Vec<ExternalWrites>> =
+        Arc::new((0..HOT_IDS).map(|_| Default::default()).collect());
 
     let mut tasks = Vec::new();
+    {
+        let (a, ids, stop, external) = (a.clone(), ids.clone(), stop.clone(), external.clone());
+        tasks.push(tokio::spawn(async move {
+            #[derive(diesel::QueryableByName)]
+            struct Written {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                version: i64,
+            }
+            let mut conn = a.backends.connect(&a.database).await;
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let slot = n % HOT_IDS;
+                let written: Written = diesel_async::RunQueryDsl::get_result(
+                    diesel::sql_query(format!(
+                        "UPDATE items SET description = 'external {n}' WHERE id = {} RETURNING version",
+                        ids[slot]
+                    )),
+                    &mut conn,
+                )
+                .await
+                .unwrap();
+                external[slot]
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), written.version));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
     for worker in 0..12usize {
-        let (a, b, ids, acked, stop, counts, violations) = (
+        let (a, b, ids, acked, stop, counts, violations, external) = (
             a.clone(),
             b.clone(),
             ids.clone(),
@@ -276,6 +319,7 @@ async fn under_random_concurrent_writes_no_read_goes_back_in_time() {
             stop.clone(),
             counts.clone(),
             violations.clone(),
+            external.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut n = worker;
@@ -301,7 +345,16 @@ async fn under_random_concurrent_writes_no_read_goes_back_in_time() {
                     }
                     // Three readers.
                     _ => {
-                        let floor = acked[slot].load(Ordering::SeqCst);
+                        let started = Instant::now();
+                        let external_floor = external[slot]
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .filter(|(at, _)| *at + EXTERNAL_LAG <= started)
+                            .map(|(_, version)| *version)
+                            .max()
+                            .unwrap_or(0);
+                        let floor = acked[slot].load(Ordering::SeqCst).max(external_floor);
                         let response = app.get_item(id).await;
                         assert_eq!(response.status(), 200);
                         if header(&response, "x-cache") == "HIT" {
@@ -339,9 +392,12 @@ async fn under_random_concurrent_writes_no_read_goes_back_in_time() {
         0,
         "a read returned a version older than an acknowledged write"
     );
-    // And at rest, both instances agree with Postgres.
+    // And at rest, both instances agree with Postgres (once the feed has applied the
+    // last external write).
+    tokio::time::sleep(EXTERNAL_LAG).await;
     for (slot, &id) in ids.iter().enumerate() {
-        let expected = acked[slot].load(Ordering::SeqCst);
+        let external = external[slot].lock().unwrap().last().map_or(0, |w| w.1);
+        let expected = acked[slot].load(Ordering::SeqCst).max(external);
         for app in [&a, &b] {
             assert_eq!(version_of(app.get_item(id).await).await, expected);
         }

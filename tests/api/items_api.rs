@@ -774,11 +774,21 @@ async fn healthz_says_ok() {
 }
 
 #[tokio::test]
-async fn readyz_reports_both_backends_ok() {
+async fn readyz_reports_both_backends_and_the_change_feed_ok() {
     let app = spawn_app().await;
+    // The follower connects in the background at start-up.
+    let ready = crate::support::eventually(
+        "the change feed to be followed",
+        std::time::Duration::from_secs(10),
+        || async {
+            let ready = get_json(&app, "/readyz").await;
+            (ready["change_feed"] != "down").then_some(ready)
+        },
+    )
+    .await;
     assert_eq!(
-        get_json(&app, "/readyz").await,
-        json!({"status": "ok", "postgres": "ok", "redis": "ok"})
+        ready,
+        json!({"status": "ok", "postgres": "ok", "redis": "ok", "change_feed": "applying"})
     );
 }
 

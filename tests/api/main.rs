@@ -11,6 +11,7 @@ mod support;
 mod bad_input;
 mod cache_behaviour;
 mod cache_races;
+mod change_feed;
 mod cli;
 mod items_api;
 mod openapi;

@@ -19,7 +19,7 @@ async fn app_with_redis_rights(base: &TestApp, rules: &[&str]) -> TestApp {
                 base.backends.redis.port
             ),
         )
-        .var("DATABASE_URL", base.backends.pg.url(&base.database))
+        .database(&base.database)
         .var("CACHE_KEY_PREFIX", &base.prefix)
         .start()
         .await

@@ -99,6 +99,7 @@ impl Backends {
 #[derive(Default)]
 pub struct Spawn {
     backends: Option<Arc<Backends>>,
+    database: Option<String>,
     vars: HashMap<String, String>,
 }
 
@@ -114,12 +115,22 @@ impl Spawn {
         self
     }
 
+    /// Uses this (migrated) database instead of a new one: another instance of the same
+    /// deployment, or a database the test made.
+    pub fn database(mut self, name: &str) -> Spawn {
+        self.database = Some(name.to_owned());
+        self
+    }
+
     pub async fn start(self) -> TestApp {
         let backends = match self.backends {
             Some(b) => b,
             None => Backends::shared().await,
         };
-        let database = backends.new_database().await;
+        let database = match self.database {
+            Some(name) => name,
+            None => backends.new_database().await,
+        };
         let prefix = format!(
             "t{}_{}:",
             std::process::id(),
@@ -279,8 +290,43 @@ impl TestApp {
         response.json().await.expect("item json")
     }
 
-    /// Inserts `count` items straight into Postgres (no cache involved); returns their ids.
+    /// Inserts `count` items straight into Postgres (no cache involved) and waits until the
+    /// change feed has applied the inserts, so that a test starts from a settled cache;
+    /// returns their ids.
     pub async fn insert_items(&self, count: i64) -> Vec<i64> {
+        let ids = self.insert_items_unsettled(count).await;
+        self.settle_feed().await;
+        ids
+    }
+
+    /// Waits until the change feed has applied every change made so far.
+    pub async fn settle_feed(&self) {
+        #[derive(diesel::QueryableByName)]
+        struct Queued {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let mut conn = self.backends.connect(&self.database).await;
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let queued: Queued = diesel::sql_query("SELECT count(*) AS n FROM item_changes")
+                .get_result(&mut conn)
+                .await
+                .expect("count queued changes");
+            if queued.n == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "the change feed left {} changes unapplied",
+                queued.n
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// [`TestApp::insert_items`] without waiting for the change feed.
+    pub async fn insert_items_unsettled(&self, count: i64) -> Vec<i64> {
         let mut conn = self.backends.connect(&self.database).await;
         #[derive(diesel::QueryableByName)]
         struct Id {

@@ -1,0 +1,105 @@
+//! The change feed's SQL: the `item_changes` queue that the migration's triggers fill, read
+//! and emptied by the applier on its own connection. Knows SQL, not Redis.
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::db;
+
+/// The channel the triggers `NOTIFY` on.
+pub const CHANNEL: &str = "itemcache_changes";
+
+/// The advisory lock whose holder applies the feed to Redis ("itemcach" in ASCII). Advisory
+/// locks are per database, so one applier per database.
+const APPLIER_LOCK: i64 = 0x6974_656d_6361_6368;
+
+/// One committed change of `items`.
+#[derive(Debug, Clone, diesel::QueryableByName)]
+pub struct Change {
+    #[diesel(sql_type = BigInt)]
+    pub seq: i64,
+    /// `None` for a truncate.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub item_id: Option<i64>,
+    /// `I`, `U`, `D` or `T`.
+    #[diesel(sql_type = Text)]
+    pub op: String,
+    #[diesel(sql_type = Timestamptz)]
+    pub changed_at: DateTime<Utc>,
+    /// The writing transaction (`txid_current()`).
+    #[diesel(sql_type = BigInt)]
+    pub xid: i64,
+}
+
+impl Change {
+    pub fn is_truncate(&self) -> bool {
+        self.op == "T"
+    }
+}
+
+/// A dedicated connection (not pooled: it holds the applier's lock and its `LISTEN` for as
+/// long as it lives), listening on [`CHANNEL`].
+pub async fn listen(database_url: &str) -> Result<AsyncPgConnection, diesel::ConnectionError> {
+    let mut conn = tokio::time::timeout(
+        db::POOL_CREATE_TIMEOUT,
+        db::connect(database_url.to_owned()),
+    )
+    .await
+    .map_err(|_| diesel::ConnectionError::BadConnection("connecting timed out".to_owned()))??;
+    diesel::sql_query(format!("LISTEN {CHANNEL}"))
+        .execute(&mut conn)
+        .await
+        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    Ok(conn)
+}
+
+/// Takes the applier role if nobody holds it; held until the connection closes.
+pub async fn try_take_role(conn: &mut AsyncPgConnection) -> diesel::QueryResult<bool> {
+    #[derive(diesel::QueryableByName)]
+    struct Taken {
+        #[diesel(sql_type = Bool)]
+        taken: bool,
+    }
+    let taken: Taken = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS taken")
+        .bind::<BigInt, _>(APPLIER_LOCK)
+        .get_result(conn)
+        .await?;
+    Ok(taken.taken)
+}
+
+/// The oldest `limit` changes still queued. Every committed change is there until it is
+/// deleted, whatever order transactions committed in (a cursor over `seq` would skip a
+/// change whose transaction took its number early and committed late).
+pub async fn oldest(conn: &mut AsyncPgConnection, limit: i64) -> diesel::QueryResult<Vec<Change>> {
+    diesel::sql_query(
+        "SELECT seq, item_id, op::text AS op, changed_at, xid FROM item_changes ORDER BY seq LIMIT $1",
+    )
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await
+}
+
+/// Deletes applied changes.
+pub async fn delete(conn: &mut AsyncPgConnection, seqs: &[i64]) -> diesel::QueryResult<usize> {
+    diesel::sql_query("DELETE FROM item_changes WHERE seq = ANY($1)")
+        .bind::<Array<BigInt>, _>(seqs)
+        .execute(conn)
+        .await
+}
+
+/// How many changes are queued, at most: the span of queued sequence numbers (two index
+/// lookups, however long the queue; rolled-back numbers inside the span count too).
+pub async fn backlog(conn: &mut AsyncPgConnection) -> diesel::QueryResult<u64> {
+    #[derive(diesel::QueryableByName)]
+    struct Span {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let span: Span = diesel::sql_query(
+        "SELECT coalesce(max(seq) - min(seq) + 1, 0)::bigint AS n FROM item_changes",
+    )
+    .get_result(conn)
+    .await?;
+    Ok(span.n.max(0) as u64)
+}
