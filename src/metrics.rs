@@ -161,6 +161,10 @@ pub enum DbQuery {
     InsertItem,
     UpdateItem,
     DeleteItem,
+    /// The ids of a name's first page (`GET /items?name=`).
+    IdsByName,
+    /// A page of a name's items, past the first (`GET /items?name=&after_id=`).
+    ListByName,
 }
 
 impl DbQuery {
@@ -172,6 +176,8 @@ impl DbQuery {
             DbQuery::InsertItem => "insert_item",
             DbQuery::UpdateItem => "update_item",
             DbQuery::DeleteItem => "delete_item",
+            DbQuery::IdsByName => "ids_by_name",
+            DbQuery::ListByName => "list_by_name",
         }
     }
 }

@@ -1,11 +1,11 @@
 //! Failed invalidations, retried until Redis takes them (contract behaviour 5).
 //!
 //! A write whose invalidation fails is still acknowledged (Postgres is the truth), and its
-//! id goes here. Until the invalidation lands, reads of that id on this instance do not
-//! trust the cache (they read Postgres and do not fill), and a background task retries
-//! every [`RETRY_EVERY`]. What this cannot cover (another instance reading the old entry
-//! while this one cannot reach Redis; pending ids lost if this process dies) is bounded
-//! by the entry's TTL; `docs/cache-design.md` says more.
+//! id (and the names whose lookups it changed) go here. Until the invalidation lands, reads
+//! of them on this instance do not trust the cache (they read Postgres and do not fill),
+//! and a background task retries every [`RETRY_EVERY`]. This is the fast path: the change
+//! feed has every write durably and applies it too, from any instance (`feed`).
+//! `docs/cache-design.md` gives the bounds.
 //!
 //! Each queued id carries the generation of the latest write that queued it. A retry that
 //! lands clears the id only if no write queued it again while the retry was in flight:
@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::cache::Invalidation;
+use crate::cache::{Invalidation, Target};
 use crate::items::model::ItemId;
 use crate::metrics::{self, InvalidationSource};
 
@@ -56,7 +56,7 @@ struct Queue {
 struct Queued {
     /// Each pending id: the generation and cause of the latest write that queued it, and
     /// when the oldest write not yet invalidated committed (the lag metric's start).
-    ids: HashMap<ItemId, Queue>,
+    ids: HashMap<Target, Queue>,
     next_generation: u64,
 }
 
@@ -67,16 +67,16 @@ impl Pending {
 
     /// Queues `id` for a write whose invalidation failed; a later write of an id already
     /// queued gives it a new generation.
-    pub fn add(&self, id: ItemId, cause: Invalidation, committed: Instant) {
+    pub fn add(&self, target: Target, cause: Invalidation, committed: Instant) {
         let mut queued = self.queued();
         queued.next_generation += 1;
         let generation = queued.next_generation;
         let since = queued
             .ids
-            .get(&id)
+            .get(&target)
             .map_or(committed, |q| q.since.min(committed));
         queued.ids.insert(
-            id,
+            target,
             Queue {
                 generation,
                 cause,
@@ -86,17 +86,19 @@ impl Pending {
         self.count.store(queued.ids.len(), Ordering::Release);
     }
 
-    /// Whether a write of `id` has not reached Redis yet.
-    pub fn contains(&self, id: ItemId) -> bool {
-        self.count.load(Ordering::Acquire) != 0 && self.queued().ids.contains_key(&id)
+    /// Whether a write of `target` has not reached Redis yet.
+    pub fn contains(&self, target: &Target) -> bool {
+        self.count.load(Ordering::Acquire) != 0 && self.queued().ids.contains_key(target)
     }
 
+    /// Whether a write of any of `ids` has not reached Redis yet.
     pub fn any_of(&self, ids: &[ItemId]) -> bool {
         if self.count.load(Ordering::Acquire) == 0 {
             return false;
         }
         let queued = self.queued();
-        ids.iter().any(|id| queued.ids.contains_key(id))
+        ids.iter()
+            .any(|&id| queued.ids.contains_key(&Target::Item(id)))
     }
 
     pub fn len(&self) -> usize {
@@ -112,26 +114,30 @@ impl Pending {
     /// queued it again meanwhile. Returns how many were cleared.
     pub async fn retry<F, Fut, E>(&self, invalidate: F) -> usize
     where
-        F: Fn(ItemId, Invalidation) -> Fut,
+        F: Fn(Target, Invalidation) -> Fut,
         Fut: Future<Output = Result<(), E>>,
     {
         if self.is_empty() {
             return 0;
         }
-        let snapshot: Vec<(ItemId, Queue)> =
-            self.queued().ids.iter().map(|(&id, &q)| (id, q)).collect();
+        let snapshot: Vec<(Target, Queue)> = self
+            .queued()
+            .ids
+            .iter()
+            .map(|(target, &q)| (target.clone(), q))
+            .collect();
         let mut cleared = 0;
-        for (id, taken) in snapshot {
-            if invalidate(id, taken.cause).await.is_err() {
+        for (target, taken) in snapshot {
+            if invalidate(target.clone(), taken.cause).await.is_err() {
                 break;
             }
             let mut queued = self.queued();
             if queued
                 .ids
-                .get(&id)
+                .get(&target)
                 .is_some_and(|q| q.generation == taken.generation)
             {
-                queued.ids.remove(&id);
+                queued.ids.remove(&target);
                 cleared += 1;
                 metrics::record_invalidation_lag(InvalidationSource::Api, taken.since.elapsed());
             }
@@ -148,8 +154,8 @@ impl Pending {
 mod tests {
     use super::*;
 
-    fn id(n: i64) -> ItemId {
-        ItemId::new(n).expect("a valid id")
+    fn item(n: i64) -> Target {
+        Target::Item(ItemId::new(n).expect("a valid id"))
     }
 
     /// The interleaving in the module docs, forced: a second write of id 7 fails to
@@ -157,23 +163,23 @@ mod tests {
     #[tokio::test]
     async fn a_write_queued_during_a_retry_stays_queued() {
         let pending = Pending::default();
-        pending.add(id(7), Invalidation::Eviction, Instant::now());
-        pending.add(id(8), Invalidation::Eviction, Instant::now());
+        pending.add(item(7), Invalidation::Eviction, Instant::now());
+        pending.add(item(8), Invalidation::Eviction, Instant::now());
         let cleared = pending
             .retry(|n, _| {
-                if n == id(7) {
+                if n == item(7) {
                     // The second write's invalidation failed just now.
-                    pending.add(id(7), Invalidation::Eviction, Instant::now());
+                    pending.add(item(7), Invalidation::Eviction, Instant::now());
                 }
                 async { Ok::<(), ()>(()) }
             })
             .await;
         assert_eq!(cleared, 1, "only id 8 is cleared");
         assert!(
-            pending.contains(id(7)),
+            pending.contains(&item(7)),
             "the second write's invalidation is still owed"
         );
-        assert!(!pending.contains(id(8)));
+        assert!(!pending.contains(&item(8)));
         assert_eq!(pending.len(), 1);
 
         let cleared = pending.retry(|_, _| async { Ok::<(), ()>(()) }).await;
@@ -183,9 +189,9 @@ mod tests {
     #[tokio::test]
     async fn a_failed_retry_keeps_the_id() {
         let pending = Pending::default();
-        pending.add(id(3), Invalidation::Eviction, Instant::now());
+        pending.add(item(3), Invalidation::Eviction, Instant::now());
         let cleared = pending.retry(|_, _| async { Err::<(), ()>(()) }).await;
         assert_eq!(cleared, 0);
-        assert!(pending.contains(id(3)));
+        assert!(pending.contains(&item(3)));
     }
 }

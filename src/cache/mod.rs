@@ -20,7 +20,7 @@ use crate::cache::breaker::{Breaker, Permit};
 use crate::items::model::ItemId;
 use crate::metrics::{self, CacheOp};
 pub use connections::Connections;
-pub use redis::{Cached, Entry, Keys};
+pub use redis::{Cached, Entry, Keys, NameEntry};
 
 /// How long a write's stamp is kept. It must outlive any read in flight when the write
 /// happened (reads take seconds at most: pool and Redis deadlines bound them); a day is
@@ -60,6 +60,13 @@ pub struct Stamp {
 pub enum Invalidation {
     Write(i64),
     Eviction,
+}
+
+/// What an invalidation is for: an item's entry, or a name's cached lookup.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Item(ItemId),
+    Name(String),
 }
 
 /// How many ids one invalidation script call covers: big batches (the change feed after a
@@ -134,13 +141,22 @@ impl Cache {
     /// The current write stamps of `ids`, in order, with the flush token: one `MGET`.
     /// Taken before reading Postgres, so that a fill can prove no write came in between.
     pub async fn stamps(&self, ids: &[ItemId]) -> Result<Vec<Stamp>, CacheError> {
+        self.stamps_of(ids.iter().map(|&id| self.keys.stamp(id)).collect())
+            .await
+    }
+
+    /// A name's write stamp, with the flush token: one `MGET`, before reading Postgres.
+    pub async fn name_stamp(&self, name: &str) -> Result<Stamp, CacheError> {
+        let mut stamps = self.stamps_of(vec![self.keys.name_stamp(name)]).await?;
+        stamps.pop().ok_or(CacheError::UnexpectedReply("MGET"))
+    }
+
+    async fn stamps_of(&self, keys: Vec<String>) -> Result<Vec<Stamp>, CacheError> {
+        let count = keys.len();
         let mut cmd = ::redis::cmd("MGET");
-        for &id in ids {
-            cmd.arg(self.keys.stamp(id));
-        }
-        cmd.arg(self.keys.flush());
+        cmd.arg(keys).arg(self.keys.flush());
         match self.run(CacheOp::Mget, &cmd).await? {
-            Value::Array(mut values) if values.len() == ids.len() + 1 => {
+            Value::Array(mut values) if values.len() == count + 1 => {
                 let flush = bytes_of(values.pop());
                 Ok(values
                     .into_iter()
@@ -152,6 +168,38 @@ impl Cache {
             }
             _ => Err(CacheError::UnexpectedReply("MGET")),
         }
+    }
+
+    /// A name's cached lookup, if any (fresh or not: the caller decides).
+    pub async fn get_name(&self, name: &str) -> Result<Option<NameEntry>, CacheError> {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(self.keys.name_entry(name));
+        match self.run(CacheOp::Get, &cmd).await? {
+            Value::BulkString(raw) => Ok(NameEntry::decode(&raw)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores a name's lookup if its stamp is still the one noted (see
+    /// [`redis::FILL_SCRIPT`]); true if stored.
+    pub async fn fill_name(
+        &self,
+        name: &str,
+        noted: &Stamp,
+        entry: &NameEntry,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
+        let mut invocation = self.fill_script.prepare_invoke();
+        invocation
+            .key(self.keys.flush())
+            .key(self.keys.name_entry(name))
+            .key(self.keys.name_stamp(name))
+            .arg(noted.write.as_ref())
+            .arg(noted.flush.as_ref())
+            .arg(entry.encode())
+            .arg(ttl.as_millis().max(1) as u64);
+        let filled: Vec<i64> = self.invoke(CacheOp::Set, &invocation).await?;
+        Ok(filled.first() == Some(&1))
     }
 
     /// Stores each entry whose stamp is unchanged, in one script call. Returns how many
@@ -178,20 +226,21 @@ impl Cache {
     /// After a write's commit: a new stamp for `id` and its entry deleted, atomically. The
     /// next read goes to Postgres, and a reader that read before the write cannot fill.
     pub async fn invalidate(&self, id: ItemId, cause: Invalidation) -> Result<(), CacheError> {
-        self.invalidate_many(CacheOp::Delete, &[(id, cause)]).await
+        self.invalidate_many(CacheOp::Delete, &[(Target::Item(id), cause)])
+            .await
     }
 
-    /// [`Cache::invalidate`] for many ids: one script call per [`INVALIDATE_CHUNK`] ids,
-    /// counted as `op`.
+    /// [`Cache::invalidate`] for many items and names: one script call per
+    /// [`INVALIDATE_CHUNK`] of them, counted as `op`.
     pub async fn invalidate_many(
         &self,
         op: CacheOp,
-        ids: &[(ItemId, Invalidation)],
+        targets: &[(Target, Invalidation)],
     ) -> Result<(), CacheError> {
-        for chunk in ids.chunks(INVALIDATE_CHUNK) {
+        for chunk in targets.chunks(INVALIDATE_CHUNK) {
             let mut invocation = self.invalidate_script.prepare_invoke();
             invocation.arg(STAMP_TTL.as_millis() as u64);
-            for &(id, cause) in chunk {
+            for (target, cause) in chunk {
                 let random = rand::rng().random::<u64>();
                 let (tag, stamp) = match cause {
                     Invalidation::Write(txid) => {
@@ -199,11 +248,11 @@ impl Cache {
                     }
                     Invalidation::Eviction => (String::new(), format!("e:{random:016x}")),
                 };
-                invocation
-                    .key(self.keys.entry(id))
-                    .key(self.keys.stamp(id))
-                    .arg(tag)
-                    .arg(stamp);
+                let (entry, stamp_key) = match target {
+                    Target::Item(id) => (self.keys.entry(*id), self.keys.stamp(*id)),
+                    Target::Name(name) => (self.keys.name_entry(name), self.keys.name_stamp(name)),
+                };
+                invocation.key(entry).key(stamp_key).arg(tag).arg(stamp);
             }
             self.invoke::<i64>(op, &invocation).await?;
         }
@@ -219,14 +268,22 @@ impl Cache {
         set.arg(self.keys.flush())
             .arg(format!("{:016x}", rand::rng().random::<u64>()));
         self.run(CacheOp::Feed, &set).await?;
-        let pattern = self.keys.entry_pattern();
+        let mut deleted = 0;
+        for pattern in self.keys.entry_patterns() {
+            deleted += self.unlink_matching(&pattern).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// `SCAN MATCH pattern` and `UNLINK` what it finds, step by step.
+    async fn unlink_matching(&self, pattern: &str) -> Result<usize, CacheError> {
         let mut cursor = 0u64;
         let mut deleted = 0;
         loop {
             let mut scan = ::redis::cmd("SCAN");
             scan.arg(cursor)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
             let (next, keys): (u64, Vec<String>) = match self.run(CacheOp::Delete, &scan).await? {

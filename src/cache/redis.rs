@@ -111,22 +111,33 @@ impl Keys {
         format!("{}stamp:{id}", self.prefix)
     }
 
+    /// A name's cached lookup: the ids of its first page.
+    pub fn name_entry(&self, name: &str) -> String {
+        format!("{}name:{name}", self.prefix)
+    }
+
+    /// A name's write stamp: replaced by every write that moves an item into or out of the
+    /// name's result.
+    pub fn name_stamp(&self, name: &str) -> String {
+        format!("{}nstamp:{name}", self.prefix)
+    }
+
     /// The key space's flush token, replaced when the table is truncated.
     pub fn flush(&self) -> String {
         format!("{}flush", self.prefix)
     }
 
-    /// A `SCAN MATCH` pattern for every entry key (the prefix's glob characters escaped).
-    pub fn entry_pattern(&self) -> String {
-        let mut pattern = String::with_capacity(self.prefix.len() + 8);
+    /// `SCAN MATCH` patterns for every entry key, items' and names' (the prefix's glob
+    /// characters escaped).
+    pub fn entry_patterns(&self) -> [String; 2] {
+        let mut prefix = String::with_capacity(self.prefix.len() + 8);
         for c in self.prefix.chars() {
             if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-                pattern.push('\\');
+                prefix.push('\\');
             }
-            pattern.push(c);
+            prefix.push(c);
         }
-        pattern.push_str("item:*");
-        pattern
+        [format!("{prefix}item:*"), format!("{prefix}name:*")]
     }
 
     pub fn prefix(&self) -> &str {
@@ -196,6 +207,43 @@ impl Entry {
     }
 }
 
+/// A name's cached lookup: the ids of its first page (up to one more than a page, which
+/// tells whether another page follows), and until when it is fresh (Unix ms).
+/// Encoded `L<fresh_until_ms> <id>,<id>,...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameEntry {
+    pub ids: Vec<ItemId>,
+    pub fresh_until_ms: i64,
+}
+
+impl NameEntry {
+    pub fn is_fresh(&self, now_ms: i64) -> bool {
+        now_ms < self.fresh_until_ms
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let ids: Vec<String> = self.ids.iter().map(ItemId::to_string).collect();
+        format!("L{} {}", self.fresh_until_ms, ids.join(",")).into_bytes()
+    }
+
+    /// Anything that does not parse is treated as a miss.
+    pub fn decode(raw: &[u8]) -> Option<NameEntry> {
+        let rest = std::str::from_utf8(raw.strip_prefix(b"L")?).ok()?;
+        let (fresh, ids) = rest.split_once(' ')?;
+        let ids = if ids.is_empty() {
+            Vec::new()
+        } else {
+            ids.split(',')
+                .map(|id| id.parse().ok().and_then(ItemId::new))
+                .collect::<Option<Vec<_>>>()?
+        };
+        Some(NameEntry {
+            ids,
+            fresh_until_ms: fresh.parse().ok()?,
+        })
+    }
+}
+
 fn parse_i64(digits: &[u8]) -> Option<i64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
@@ -227,12 +275,37 @@ mod tests {
     }
 
     #[test]
-    fn the_entry_pattern_matches_the_prefix_literally() {
-        assert_eq!(Keys::new("app:").entry_pattern(), "app:item:*");
+    fn the_entry_patterns_match_the_prefix_literally() {
         assert_eq!(
-            Keys::new("a*b?[c]:").entry_pattern(),
+            Keys::new("app:").entry_patterns(),
+            ["app:item:*".to_owned(), "app:name:*".to_owned()]
+        );
+        assert_eq!(
+            Keys::new("a*b?[c]:").entry_patterns()[0],
             "a\\*b\\?\\[c\\]:item:*"
         );
+    }
+
+    #[test]
+    fn name_entries_round_trip() {
+        for ids in [vec![], vec![3], vec![3, 9, 12]] {
+            let entry = NameEntry {
+                ids: ids.into_iter().filter_map(ItemId::new).collect(),
+                fresh_until_ms: 1_764_000_000_123,
+            };
+            assert_eq!(NameEntry::decode(&entry.encode()), Some(entry));
+        }
+        for raw in [
+            &b""[..],
+            b"L",
+            b"L5",
+            b"L5 x",
+            b"L5 1,,2",
+            b"Lx 1",
+            b"I1 2 {}",
+        ] {
+            assert_eq!(NameEntry::decode(raw), None, "{raw:?}");
+        }
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub struct Landed<K, V> {
 
 impl<K, T, V> Flights<K, T, V>
 where
-    K: Copy + Eq + Hash,
+    K: Clone + Eq + Hash,
     T: Clone + PartialEq,
     V: Clone,
 {
@@ -108,7 +108,7 @@ where
             if !leading.is_empty() {
                 let registered = Registered {
                     flights: self,
-                    keys: leading.iter().map(|(key, _)| *key).collect(),
+                    keys: leading.iter().map(|(key, _)| key.clone()).collect(),
                     flight,
                 };
                 let loaded = load(registered.keys.clone()).await;
@@ -154,7 +154,8 @@ where
                 .retain(|_, f| f.done.is_none_or(|done| done.elapsed() < linger));
             inflight.swept = Instant::now();
         }
-        for &key in keys {
+        for key in keys {
+            let key = key.clone();
             let tag = tag(&key);
             match inflight.flights.get(&key) {
                 Some(flight)
@@ -172,7 +173,7 @@ where
                         answer: rx,
                         done: None,
                     };
-                    inflight.flights.insert(key, flight);
+                    inflight.flights.insert(key.clone(), flight);
                     leading.push((key, tx));
                 }
             }

@@ -30,11 +30,26 @@ pub struct Change {
     /// The writing transaction (`txid_current()`).
     #[diesel(sql_type = BigInt)]
     pub xid: i64,
+    /// The row's name before the change (updates, deletes).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub old_name: Option<String>,
+    /// The row's name after the change (inserts, updates).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub new_name: Option<String>,
 }
 
 impl Change {
     pub fn is_truncate(&self) -> bool {
         self.op == "T"
+    }
+
+    /// The names whose lookups this change alters: the name an item got or lost (an
+    /// update that kept the name alters none).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        let moved = self.old_name != self.new_name;
+        [&self.old_name, &self.new_name]
+            .into_iter()
+            .filter_map(move |name| name.as_deref().filter(|_| moved))
     }
 }
 
@@ -73,7 +88,8 @@ pub async fn try_take_role(conn: &mut AsyncPgConnection) -> diesel::QueryResult<
 /// change whose transaction took its number early and committed late).
 pub async fn oldest(conn: &mut AsyncPgConnection, limit: i64) -> diesel::QueryResult<Vec<Change>> {
     diesel::sql_query(
-        "SELECT seq, item_id, op::text AS op, changed_at, xid FROM item_changes ORDER BY seq LIMIT $1",
+        "SELECT seq, item_id, op::text AS op, changed_at, xid, old_name, new_name \
+         FROM item_changes ORDER BY seq LIMIT $1",
     )
     .bind::<BigInt, _>(limit)
     .load(conn)

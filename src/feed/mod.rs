@@ -28,7 +28,7 @@ use diesel_async::AsyncPgConnection;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
-use crate::cache::Invalidation;
+use crate::cache::{Invalidation, Target};
 use crate::items::model::ItemId;
 use crate::items::service::ItemService;
 use crate::metrics::{self, FollowerState, InvalidationSource};
@@ -165,16 +165,7 @@ impl Follower {
             if batch.is_empty() {
                 return Ok(Drained::Empty);
             }
-            // Each id once, tagged with its latest change's transaction: an invalidation
-            // after that commit covers the earlier changes too.
-            let latest: BTreeMap<ItemId, i64> = batch
-                .iter()
-                .filter_map(|c| Some((c.item_id.and_then(ItemId::new)?, c.xid)))
-                .collect();
-            let changed: Vec<(ItemId, Invalidation)> = latest
-                .into_iter()
-                .map(|(id, xid)| (id, Invalidation::Write(xid)))
-                .collect();
+            let changed = targets(&batch);
             let truncated = batch.iter().any(changes::Change::is_truncate);
             if let Err(e) = self.service.apply_changes(&changed, truncated).await {
                 tracing::debug!(error = %crate::report::chain(&e), "change feed: Redis refused the changes; retrying");
@@ -193,6 +184,27 @@ impl Follower {
             }
         }
     }
+}
+
+/// What a batch of changes invalidates: each item and each name whose lookup changed, once,
+/// tagged with its latest change's transaction (an invalidation after that commit covers
+/// the earlier changes too; the batch is in commit-independent `seq` order, so "latest" is
+/// the latest recorded, and a later change of the same target comes in this batch or a
+/// later one).
+fn targets(batch: &[changes::Change]) -> Vec<(Target, Invalidation)> {
+    let mut latest: BTreeMap<Target, i64> = BTreeMap::new();
+    for change in batch {
+        if let Some(id) = change.item_id.and_then(ItemId::new) {
+            latest.insert(Target::Item(id), change.xid);
+        }
+        for name in change.names() {
+            latest.insert(Target::Name(name.to_owned()), change.xid);
+        }
+    }
+    latest
+        .into_iter()
+        .map(|(target, xid)| (target, Invalidation::Write(xid)))
+        .collect()
 }
 
 /// Waits for a notification or `wait`. Notifications that piled up meanwhile are taken at

@@ -10,14 +10,14 @@ use crate::http::errors::ApiError;
 use crate::http::headers::{self, SERVER_TIMING, X_CACHE};
 use crate::http::middleware::WriteAccess;
 use crate::http::openapi;
-use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
-use crate::items::service::{Batch, Lookup};
+use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NAME_MAX_CHARS, NewItem};
+use crate::items::service::{Batch, CACHED_NAME_PAGE, Lookup, NamePage};
 
 /// Most ids in one batch read.
 pub const BATCH_MAX: usize = 100;
-/// Largest page of a listing, and the default.
+/// Largest page of a listing, and the default (the page a name lookup caches).
 pub const LIST_MAX: i64 = 1000;
-pub const LIST_DEFAULT: i64 = 50;
+pub const LIST_DEFAULT: i64 = CACHED_NAME_PAGE;
 
 type State = web::Data<AppState>;
 
@@ -73,7 +73,9 @@ pub async fn get_item(
 ///
 /// With `ids`: a batch read, cache-aside like `GET /items/{id}` (one Redis round trip for all
 /// ids, at most one SQL query for the misses): the items found in request order, each once,
-/// and the ids not found in `missing`. Without: a page of items by id, from Postgres.
+/// and the ids not found in `missing`. With `name`: the items with exactly that name, a page
+/// at a time; the first page is cached and never shows an old membership after a write.
+/// Without either: a page of items by id, from Postgres.
 #[utoipa::path(
     get,
     path = "/items",
@@ -82,10 +84,10 @@ pub async fn get_item(
     responses(
         (status = 200, description = "A batch (with `ids`) or a page", body = openapi::ItemList,
             headers(
-                ("X-Cache", description = "Batch reads only. `BYPASS` if the cache was not \
-                    used, else `MISS` if any id was read from Postgres, else `STALE` if any \
-                    entry was served stale, else `HIT`."),
-                ("Server-Timing", description = "Batch reads only."),
+                ("X-Cache", description = "Batch reads and name lookups only. `BYPASS` if \
+                    the cache was not used, else `MISS` if anything was read from Postgres, \
+                    else `STALE` if any entry was served stale, else `HIT`."),
+                ("Server-Timing", description = "Batch reads and name lookups only."),
             )),
         openapi::GetItemsProblems,
     ),
@@ -98,6 +100,14 @@ pub async fn get_items(state: State, req: HttpRequest) -> Result<HttpResponse, A
         }
         ItemsQuery::Page { after_id, limit } => {
             Ok(HttpResponse::Ok().json(state.service.list(after_id, limit).await?))
+        }
+        ItemsQuery::ByName {
+            name,
+            after_id,
+            limit,
+        } => {
+            let lookup = state.service.find_by_name(&name, after_id, limit).await?;
+            Ok(read_response(&lookup).body(name_page_body(&lookup.value)))
         }
     }
 }
@@ -259,12 +269,38 @@ fn batch_body(batch: &Batch) -> Bytes {
     out.freeze()
 }
 
-/// The two readings of `GET /items`.
+/// `{"items": [...], "next_after_id": n | null}` from the items' bytes as they are.
+fn name_page_body(page: &NamePage) -> Bytes {
+    let size = page.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 48;
+    let mut out = BytesMut::with_capacity(size);
+    out.put_slice(b"{\"items\":[");
+    for (n, item) in page.items.iter().enumerate() {
+        if n > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(&item.json);
+    }
+    out.put_slice(b"],\"next_after_id\":");
+    match page.next_after_id {
+        Some(id) => out.put_slice(id.to_string().as_bytes()),
+        None => out.put_slice(b"null"),
+    }
+    out.put_u8(b'}');
+    out.freeze()
+}
+
+/// The three readings of `GET /items`.
 #[derive(Debug, PartialEq, Eq)]
 enum ItemsQuery {
     /// Distinct ids, in request order.
     Batch(Vec<ItemId>),
     Page {
+        after_id: i64,
+        limit: i64,
+    },
+    /// The items with exactly this name, a page at a time.
+    ByName {
+        name: String,
         after_id: i64,
         limit: i64,
     },
@@ -278,14 +314,16 @@ impl ItemsQuery {
         let mut ids = None;
         let mut limit = None;
         let mut after_id = None;
+        let mut by_name = None;
         for (name, value) in pairs {
             let slot = match name.as_str() {
                 "ids" => &mut ids,
                 "limit" => &mut limit,
                 "after_id" => &mut after_id,
+                "name" => &mut by_name,
                 other => {
                     return Err(ApiError::InvalidQuery(format!(
-                        "unknown query parameter {:?}; expected ids, or limit and after_id",
+                        "unknown query parameter {:?}; expected ids, or name, limit and after_id",
                         truncate(other)
                     )));
                 }
@@ -296,16 +334,29 @@ impl ItemsQuery {
                 )));
             }
         }
-        match ids {
-            Some(_) if limit.is_some() || after_id.is_some() => Err(ApiError::InvalidQuery(
-                "ids cannot be combined with limit or after_id".into(),
-            )),
-            Some(ids) => parse_ids(&ids).map(ItemsQuery::Batch),
-            None => Ok(ItemsQuery::Page {
-                limit: parse_bounded("limit", limit.as_deref(), LIST_DEFAULT, 1, LIST_MAX)?,
-                after_id: parse_bounded("after_id", after_id.as_deref(), 0, 0, i64::MAX)?,
-            }),
+        if ids.is_some() && by_name.is_some() {
+            return Err(ApiError::InvalidQuery(
+                "ids cannot be combined with name".into(),
+            ));
         }
+        if let Some(ids) = ids {
+            return match (limit, after_id) {
+                (None, None) => parse_ids(&ids).map(ItemsQuery::Batch),
+                _ => Err(ApiError::InvalidQuery(
+                    "ids cannot be combined with limit or after_id".into(),
+                )),
+            };
+        }
+        let limit = parse_bounded("limit", limit.as_deref(), LIST_DEFAULT, 1, LIST_MAX)?;
+        let after_id = parse_bounded("after_id", after_id.as_deref(), 0, 0, i64::MAX)?;
+        Ok(match by_name {
+            None => ItemsQuery::Page { after_id, limit },
+            Some(name) => ItemsQuery::ByName {
+                name: parse_name(name)?,
+                after_id,
+                limit,
+            },
+        })
     }
 }
 
@@ -332,6 +383,17 @@ fn parse_ids(raw: &str) -> Result<Vec<ItemId>, ApiError> {
         )));
     }
     Ok(ids)
+}
+
+/// A name to look up: 1 to 200 characters, matched exactly (no pattern characters).
+fn parse_name(name: String) -> Result<String, ApiError> {
+    let chars = name.chars().count();
+    if chars == 0 || chars > NAME_MAX_CHARS {
+        return Err(ApiError::InvalidQuery(format!(
+            "name must be 1 to {NAME_MAX_CHARS} characters, got {chars}"
+        )));
+    }
+    Ok(name)
 }
 
 fn parse_bounded(
@@ -384,6 +446,10 @@ mod tests {
             ("after_id=-1", "invalid_query"),
             ("limit=1&limit=2", "invalid_query"),
             ("colour=red", "invalid_query"),
+            ("name=", "invalid_query"),
+            ("name=a&ids=1", "invalid_query"),
+            ("name=a&name=b", "invalid_query"),
+            ("name=a&limit=0", "invalid_query"),
         ];
         for (query, code) in cases {
             let got = ItemsQuery::parse(query).err().map(|e| e.code());
@@ -394,6 +460,21 @@ mod tests {
             .collect::<Vec<_>>()
             .join(",");
         assert!(ItemsQuery::parse(&format!("ids={hundred_and_one}")).is_err());
+    }
+
+    #[test]
+    fn a_name_lookup_keeps_the_name_as_given() {
+        assert_eq!(
+            ItemsQuery::parse("name=50%25%20off_%27x%27&after_id=7").ok(),
+            Some(ItemsQuery::ByName {
+                name: "50% off_'x'".to_owned(),
+                after_id: 7,
+                limit: 50
+            })
+        );
+        let long = "é".repeat(NAME_MAX_CHARS);
+        assert!(ItemsQuery::parse(&format!("name={long}")).is_ok());
+        assert!(ItemsQuery::parse(&format!("name={long}x")).is_err());
     }
 
     #[test]

@@ -526,7 +526,8 @@ pub struct UpdateItem {
     pub price_cents: i64,
 }
 
-/// `GET /items`: a batch read (`ids=`) or a page (`limit`, `after_id`).
+/// `GET /items`: a batch read (`ids=`), or a page (`limit`, `after_id`; with `name`, of the
+/// items with that name).
 #[derive(ToSchema)]
 #[serde(untagged)]
 pub enum ItemList {
@@ -586,7 +587,8 @@ pub struct ItemPath {
     pub id: i64,
 }
 
-/// The query of `GET /items`: `ids` for a batch read, or `limit` and `after_id` for a page.
+/// The query of `GET /items`: `ids` for a batch read, or `limit` and `after_id` for a page,
+/// of all items or (with `name`) of those with one name.
 /// Written out rather than derived, for its limits come from `http/items.rs`. These
 /// parameters have no `example`: Swagger UI fills examples into "Try it out", and `ids`
 /// with `limit` would fail the request.
@@ -610,6 +612,20 @@ impl IntoParams for ItemsQuery {
                 ObjectBuilder::new()
                     .schema_type(Type::String)
                     .pattern(Some(format!("^[0-9]+(,[0-9]+){{0,{}}}$", BATCH_MAX - 1))),
+            ),
+            (
+                "name",
+                format!(
+                    "A lookup by name: the items whose name is exactly this (no pattern \
+                     matching), in id order, paged by `limit` and `after_id`. 1 to \
+                     {NAME_MAX_CHARS} characters. Not with `ids`. The first page with the \
+                     default `limit` is cached (`X-Cache` as for items); other pages come \
+                     from Postgres (`BYPASS`)."
+                ),
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(NAME_MAX_CHARS)),
             ),
             (
                 "limit",

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel_async::RunQueryDsl;
 use diesel_async::pooled_connection::deadpool::Object;
+use diesel_async::{AsyncConnection, RunQueryDsl};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::db::PgPool;
@@ -109,6 +109,49 @@ pub struct Txid(pub i64);
 /// `txid_current()` in a `RETURNING` list.
 fn txid() -> diesel::expression::SqlLiteral<diesel::sql_types::BigInt> {
     diesel::dsl::sql::<diesel::sql_types::BigInt>("txid_current()")
+}
+
+/// An update's result: the row, its transaction, and the name it had before if the update
+/// changed it.
+#[derive(Debug)]
+pub struct Updated {
+    pub item: Item,
+    pub txid: Txid,
+    pub old_name: Option<String>,
+}
+
+/// A delete's result: its transaction, and the name the row had.
+#[derive(Debug)]
+pub struct Deleted {
+    pub txid: Txid,
+    pub name: String,
+}
+
+/// The `UPDATE` of [`ItemRepo::update_item`], on a connection that may be in a transaction.
+async fn apply_patch(
+    conn: &mut diesel_async::AsyncPgConnection,
+    id: ItemId,
+    patch: &ItemPatch,
+    expected: Option<&[i64]>,
+) -> diesel::QueryResult<Option<(Item, i64)>> {
+    let target = items::table.filter(items::id.eq(id.get()));
+    match expected {
+        Some(versions) => {
+            diesel::update(target.filter(items::version.eq_any(versions.to_vec())))
+                .set(patch)
+                .returning((Item::as_returning(), txid()))
+                .get_result::<(Item, i64)>(conn)
+                .await
+        }
+        None => {
+            diesel::update(target)
+                .set(patch)
+                .returning((Item::as_returning(), txid()))
+                .get_result::<(Item, i64)>(conn)
+                .await
+        }
+    }
+    .optional()
 }
 
 /// What an update or delete guarded by `If-Match` came to.
@@ -216,6 +259,45 @@ impl ItemRepo {
         Ok(rows?)
     }
 
+    /// The ids of the first `limit` items named exactly `name`, ascending (an index-only
+    /// scan of `items_name_id`).
+    #[tracing::instrument(skip_all)]
+    pub async fn ids_by_name(&self, name: &str, limit: i64) -> Result<Vec<ItemId>, RepoError> {
+        let started = Instant::now();
+        let (mut conn, _in_flight) = self.checkout().await?;
+        let ids = items::table
+            .filter(items::name.eq(name))
+            .order(items::id.asc())
+            .limit(limit)
+            .select(items::id)
+            .load::<i64>(&mut conn)
+            .await;
+        metrics::record_db_query(DbQuery::IdsByName, started.elapsed());
+        Ok(ids?.into_iter().filter_map(ItemId::new).collect())
+    }
+
+    /// Keyset page of the items named exactly `name`: ids greater than `after`, ascending.
+    #[tracing::instrument(skip_all)]
+    pub async fn list_by_name(
+        &self,
+        name: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Item>, RepoError> {
+        let started = Instant::now();
+        let (mut conn, _in_flight) = self.checkout().await?;
+        let rows = items::table
+            .filter(items::name.eq(name))
+            .filter(items::id.gt(after))
+            .order(items::id.asc())
+            .limit(limit)
+            .select(Item::as_select())
+            .load(&mut conn)
+            .await;
+        metrics::record_db_query(DbQuery::ListByName, started.elapsed());
+        Ok(rows?)
+    }
+
     #[tracing::instrument(skip_all)]
     pub async fn insert_item(&self, new: &NewItem) -> Result<(Item, Txid), RepoError> {
         let started = Instant::now();
@@ -231,38 +313,46 @@ impl ItemRepo {
     }
 
     /// Applies `patch` if the row is at one of the `expected` versions (`If-Match`), or
-    /// unconditionally without them.
-    /// The trigger bumps `version` and `updated_at`.
+    /// unconditionally without them. The trigger bumps `version` and `updated_at`.
+    ///
+    /// A rename also returns the name it replaced (lookups by name drop the item from that
+    /// name's result): read under the row lock, in the same transaction, so that it is the
+    /// name this update changed even when another rename raced it.
     #[tracing::instrument(skip_all, fields(item.id = %id))]
     pub async fn update_item(
         &self,
         id: ItemId,
         patch: &ItemPatch,
         expected: Option<&[i64]>,
-    ) -> Result<WriteOutcome<(Item, Txid)>, RepoError> {
+    ) -> Result<WriteOutcome<Updated>, RepoError> {
         let started = Instant::now();
         let (mut conn, _in_flight) = self.checkout().await?;
-        let target = items::table.filter(items::id.eq(id.get()));
-        let updated = match expected {
-            Some(versions) => {
-                diesel::update(target.filter(items::version.eq_any(versions.to_vec())))
-                    .set(patch)
-                    .returning((Item::as_returning(), txid()))
-                    .get_result::<(Item, i64)>(&mut conn)
+        let updated = if patch.name.is_some() {
+            conn.transaction(async |conn| {
+                let old: Option<String> = items::table
+                    .find(id.get())
+                    .select(items::name)
+                    .for_update()
+                    .first(conn)
                     .await
-            }
-            None => {
-                diesel::update(target)
-                    .set(patch)
-                    .returning((Item::as_returning(), txid()))
-                    .get_result::<(Item, i64)>(&mut conn)
-                    .await
-            }
-        }
-        .optional();
+                    .optional()?;
+                let Some(old) = old else { return Ok(None) };
+                let updated = apply_patch(conn, id, patch, expected).await?;
+                Ok::<_, DieselError>(updated.map(|(item, txid)| (item, txid, Some(old))))
+            })
+            .await
+        } else {
+            apply_patch(&mut conn, id, patch, expected)
+                .await
+                .map(|updated| updated.map(|(item, txid)| (item, txid, None)))
+        };
         metrics::record_db_query(DbQuery::UpdateItem, started.elapsed());
         match updated? {
-            Some((item, txid)) => Ok(WriteOutcome::Done((item, Txid(txid)))),
+            Some((item, txid, old_name)) => Ok(WriteOutcome::Done(Updated {
+                old_name: old_name.filter(|old| *old != item.name),
+                item,
+                txid: Txid(txid),
+            })),
             None => Ok(self.why_not_written(&mut conn, id).await?),
         }
     }
@@ -273,21 +363,21 @@ impl ItemRepo {
         &self,
         id: ItemId,
         expected: Option<&[i64]>,
-    ) -> Result<WriteOutcome<Txid>, RepoError> {
+    ) -> Result<WriteOutcome<Deleted>, RepoError> {
         let started = Instant::now();
         let (mut conn, _in_flight) = self.checkout().await?;
         let target = items::table.filter(items::id.eq(id.get()));
         let deleted = match expected {
             Some(versions) => {
                 diesel::delete(target.filter(items::version.eq_any(versions.to_vec())))
-                    .returning(txid())
-                    .get_result::<i64>(&mut conn)
+                    .returning((txid(), items::name))
+                    .get_result::<(i64, String)>(&mut conn)
                     .await
             }
             None => {
                 diesel::delete(target)
-                    .returning(txid())
-                    .get_result::<i64>(&mut conn)
+                    .returning((txid(), items::name))
+                    .get_result::<(i64, String)>(&mut conn)
                     .await
             }
         }
@@ -295,7 +385,10 @@ impl ItemRepo {
         metrics::record_db_query(DbQuery::DeleteItem, started.elapsed());
         match deleted? {
             None => Ok(self.why_not_written(&mut conn, id).await?),
-            Some(txid) => Ok(WriteOutcome::Done(Txid(txid))),
+            Some((txid, name)) => Ok(WriteOutcome::Done(Deleted {
+                txid: Txid(txid),
+                name,
+            })),
         }
     }
 

@@ -8,6 +8,10 @@
 //! that began after it. Redis failing or slow: answer from Postgres,
 //! `BYPASS`. Postgres failing: an entry past freshness beats a 503, `STALE`.
 
+mod by_name;
+
+pub use by_name::{CACHED_NAME_PAGE, NamePage};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +21,7 @@ use rand::Rng;
 
 use crate::cache::invalidation::Pending;
 use crate::cache::singleflight::Flights;
-use crate::cache::{Cache, CacheError, Cached, Entry, Fill, Invalidation, Stamp};
+use crate::cache::{Cache, CacheError, Cached, Entry, Fill, Invalidation, Stamp, Target};
 use crate::config::{CacheMode, Settings};
 use crate::failpoints;
 use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
@@ -37,9 +41,9 @@ pub enum ServiceError {
     Overloaded,
     #[error("database error")]
     Database(#[source] RepoError),
-    /// A load gave no answer for an id it was given: a bug.
-    #[error("no answer was loaded for item {0}")]
-    Unanswered(ItemId),
+    /// A load gave no answer for a key it was given (an item, a name): a bug.
+    #[error("no answer was loaded for {0}")]
+    Unanswered(String),
 }
 
 impl From<RepoError> for ServiceError {
@@ -154,6 +158,8 @@ struct Inner {
     ttls: Ttls,
     /// Loads in flight, tagged (see [`Tag`]).
     flights: Flights<ItemId, Tag, Loaded>,
+    /// Loads of names' first pages in flight (`by_name`), tagged the same way.
+    name_flights: Flights<String, Tag, by_name::LoadedIds>,
     /// Numbers unstamped loads.
     unstamped: AtomicU64,
     /// Ids whose invalidation has not reached Redis yet: their cache entries are not
@@ -175,6 +181,9 @@ impl ItemService {
                     stale: settings.cache_stale,
                 },
                 flights: Flights::new(LINGER, |tag, answer| {
+                    matches!(tag, Tag::Stamped(_)) && answer.is_ok()
+                }),
+                name_flights: Flights::new(LINGER, |tag, answer| {
                     matches!(tag, Tag::Stamped(_)) && answer.is_ok()
                 }),
                 unstamped: AtomicU64::new(0),
@@ -418,9 +427,11 @@ impl ItemService {
     pub async fn create(&self, new: &NewItem) -> Result<Item, ServiceError> {
         let (item, txid) = self.inner.repo.insert_item(new).await?;
         let committed = Instant::now();
-        // A "not found" for this id may be cached (someone read it before it existed).
+        // A "not found" for this id may be cached (someone read it before it existed), and
+        // the name's lookup gains it.
         if let Some(id) = ItemId::new(item.id) {
-            self.invalidate(id, Invalidation::Write(txid.0), committed)
+            let targets = vec![Target::Item(id), Target::Name(item.name.clone())];
+            self.invalidate(targets, Invalidation::Write(txid.0), committed)
                 .await;
         }
         Ok(item)
@@ -435,18 +446,25 @@ impl ItemService {
     ) -> Result<Item, ServiceError> {
         let outcome = self.inner.repo.update_item(id, patch, expected).await?;
         let committed = Instant::now();
-        let (item, txid) = written(outcome)?;
-        self.invalidate(id, Invalidation::Write(txid.0), committed)
+        let updated = written(outcome)?;
+        let mut targets = vec![Target::Item(id)];
+        // A rename moves the item from one name's lookup to another's.
+        if let Some(old) = updated.old_name {
+            targets.push(Target::Name(old));
+            targets.push(Target::Name(updated.item.name.clone()));
+        }
+        self.invalidate(targets, Invalidation::Write(updated.txid.0), committed)
             .await;
-        Ok(item)
+        Ok(updated.item)
     }
 
     #[tracing::instrument(skip_all, fields(item.id = %id))]
     pub async fn delete(&self, id: ItemId, expected: Option<&[i64]>) -> Result<(), ServiceError> {
         let outcome = self.inner.repo.delete_item(id, expected).await?;
         let committed = Instant::now();
-        let txid = written(outcome)?;
-        self.invalidate(id, Invalidation::Write(txid.0), committed)
+        let deleted = written(outcome)?;
+        let targets = vec![Target::Item(id), Target::Name(deleted.name)];
+        self.invalidate(targets, Invalidation::Write(deleted.txid.0), committed)
             .await;
         Ok(())
     }
@@ -454,25 +472,49 @@ impl ItemService {
     /// `DELETE /cache/items/{id}`: drops the entry, leaves Postgres alone.
     #[tracing::instrument(skip_all, fields(item.id = %id))]
     pub async fn evict(&self, id: ItemId) {
-        self.invalidate(id, Invalidation::Eviction, Instant::now())
-            .await;
+        self.invalidate(
+            vec![Target::Item(id)],
+            Invalidation::Eviction,
+            Instant::now(),
+        )
+        .await;
     }
 
-    /// After a commit: new readers on this instance start a new load, and in Redis the
-    /// id gets a new stamp and loses its entry, so the next read goes to Postgres and a
-    /// reader that read before the commit cannot fill.
+    /// After a commit: new readers on this instance start new loads, and in Redis each
+    /// target gets a new stamp and loses its entry (one script call), so the next read goes
+    /// to Postgres and a reader that read before the commit cannot fill.
     /// `committed`: when the write committed, for the lag metric (writes only).
-    async fn invalidate(&self, id: ItemId, cause: Invalidation, committed: Instant) {
-        self.inner.flights.forget(&id);
-        match self.inner.cache.invalidate(id, cause).await {
+    async fn invalidate(&self, targets: Vec<Target>, cause: Invalidation, committed: Instant) {
+        self.forget_loads(&targets);
+        let pairs: Vec<(Target, Invalidation)> =
+            targets.iter().map(|t| (t.clone(), cause)).collect();
+        match self
+            .inner
+            .cache
+            .invalidate_many(metrics::CacheOp::Delete, &pairs)
+            .await
+        {
             Ok(()) => {
                 if let Invalidation::Write(_) = cause {
                     metrics::record_invalidation_lag(InvalidationSource::Api, committed.elapsed());
                 }
             }
             Err(e) => {
-                tracing::debug!(item.id = %id, error = %e, "cache invalidation failed; queued for retry");
-                self.inner.pending.add(id, cause, committed);
+                tracing::debug!(error = %e, "cache invalidation failed; queued for retry");
+                for target in targets {
+                    self.inner.pending.add(target, cause, committed);
+                }
+            }
+        }
+    }
+
+    /// After a write of `targets`: a load in flight began before it, so it must not
+    /// answer later readers.
+    fn forget_loads(&self, targets: &[Target]) {
+        for target in targets {
+            match target {
+                Target::Item(id) => self.inner.flights.forget(id),
+                Target::Name(name) => self.inner.name_flights.forget(name),
             }
         }
     }
@@ -482,16 +524,16 @@ impl ItemService {
     /// leaves the changes to be applied again (the feed keeps them until this succeeds).
     pub async fn apply_changes(
         &self,
-        changed: &[(ItemId, Invalidation)],
+        changed: &[(Target, Invalidation)],
         truncated: bool,
     ) -> Result<(), CacheError> {
         if truncated {
             self.inner.flights.forget_all();
+            self.inner.name_flights.forget_all();
             self.inner.cache.flush_entries().await?;
         }
-        for (id, _) in changed {
-            self.inner.flights.forget(id);
-        }
+        let targets: Vec<Target> = changed.iter().map(|(t, _)| t.clone()).collect();
+        self.forget_loads(&targets);
         self.inner
             .cache
             .invalidate_many(metrics::CacheOp::Feed, changed)
@@ -503,7 +545,11 @@ impl ItemService {
         let cache = &self.inner.cache;
         self.inner
             .pending
-            .retry(|id, cause| cache.invalidate(id, cause))
+            .retry(|target, cause| async move {
+                cache
+                    .invalidate_many(metrics::CacheOp::Delete, &[(target, cause)])
+                    .await
+            })
             .await
     }
 
@@ -582,7 +628,7 @@ fn item_of(entry: Entry) -> Option<ItemJson> {
 fn answer(loaded: &mut HashMap<ItemId, Loaded>, id: ItemId) -> Loaded {
     loaded
         .remove(&id)
-        .unwrap_or(Err(ServiceError::Unanswered(id)))
+        .unwrap_or_else(|| Err(ServiceError::Unanswered(format!("item {id}"))))
 }
 
 /// A loaded answer against the entry the cache still had for the id: with Postgres down or

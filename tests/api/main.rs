@@ -14,6 +14,7 @@ mod cache_races;
 mod change_feed;
 mod cli;
 mod items_api;
+mod lookup_by_name;
 mod openapi;
 mod redis_permissions;
 mod resilience;

@@ -642,6 +642,8 @@ async fn every_contract_metric_is_exported_with_its_labels_and_the_text_passes_p
         "insert_item",
         "update_item",
         "delete_item",
+        "ids_by_name",
+        "list_by_name",
     ];
     within(
         DB_QUERY_COUNT,
