@@ -163,7 +163,7 @@ fn server(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<
 }
 
 /// One HTTP worker per core (actix's default, named because each worker also keeps its own
-/// Redis connection: see `cache::redis`).
+/// Redis connection: see `cache::connections`).
 fn http_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -189,7 +189,7 @@ async fn retry_invalidations(state: web::Data<AppState>, mut stop: watch::Receiv
             if left > 0 {
                 tracing::warn!(
                     left,
-                    "stopping with cache invalidations not applied; entries expire with their TTL"
+                    "stopping with cache invalidations not applied here; the change feed applies them"
                 );
             }
             return;

@@ -259,6 +259,7 @@ impl Env<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn the_write_token_matches_itself_only() {
@@ -268,8 +269,6 @@ mod tests {
             assert!(!token.matches(other), "{other:?}");
         }
     }
-
-    use super::*;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         Settings::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))

@@ -21,7 +21,14 @@ CREATE TABLE item_changes (
 
 -- Statement-level triggers with transition tables: one INSERT ... SELECT per statement, so
 -- a million-row UPDATE costs one set-based insert, not a million trigger calls.
-CREATE FUNCTION items_record_changes() RETURNS trigger AS $$
+--
+-- SECURITY DEFINER with the migration's search_path: a client allowed to write `items` but
+-- not `item_changes`, or one with another search_path, still has its changes recorded
+-- rather than its writes refused.
+CREATE FUNCTION items_record_changes() RETURNS trigger
+    SECURITY DEFINER
+    SET search_path FROM CURRENT
+AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO item_changes (item_id, op, new_name)
@@ -54,3 +61,10 @@ CREATE TRIGGER items_record_deletes AFTER DELETE ON items
     FOR EACH STATEMENT EXECUTE FUNCTION items_record_changes();
 CREATE TRIGGER items_record_truncates AFTER TRUNCATE ON items
     FOR EACH STATEMENT EXECUTE FUNCTION items_record_changes();
+
+-- Fire under session_replication_role = replica too (logical replication's apply worker,
+-- pg_restore --disable-triggers): those writes change rows the cache may hold.
+ALTER TABLE items ENABLE ALWAYS TRIGGER items_record_inserts;
+ALTER TABLE items ENABLE ALWAYS TRIGGER items_record_updates;
+ALTER TABLE items ENABLE ALWAYS TRIGGER items_record_deletes;
+ALTER TABLE items ENABLE ALWAYS TRIGGER items_record_truncates;

@@ -23,9 +23,12 @@ pub use connections::Connections;
 pub use redis::{Cached, Entry, Keys, NameEntry};
 
 /// How long a write's stamp is kept. It must outlive any read in flight when the write
-/// happened (reads take seconds at most: pool and Redis deadlines bound them); a day is
-/// far beyond that and costs one small key per id written that day.
-pub const STAMP_TTL: Duration = Duration::from_secs(24 * 3600);
+/// happened: a read's load is bounded by the pool wait (2 s), a new connection (3 s), the
+/// statement timeout (5 s) and the coalescing linger (0.5 s), about 10.5 s. A minute is
+/// well beyond that, and bounds what bulk writes cost Redis: one stamp (~100 bytes) per id
+/// written in the last minute (a million-row `UPDATE` through the change feed: ~100 MB
+/// for a minute, where a day's TTL would keep it for a day).
+pub const STAMP_TTL: Duration = Duration::from_secs(60);
 
 /// Why Redis did not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,7 +77,9 @@ pub enum Target {
 /// millisecond of Redis time).
 pub const INVALIDATE_CHUNK: usize = 500;
 
-/// How many keys one `SCAN` step asks for when a truncate drops every entry.
+/// How many keys one `SCAN` step asks for when a truncate drops every entry: each step
+/// then takes well under a millisecond of Redis time (so it never holds Redis up), and a
+/// million keys take a thousand round trips.
 const SCAN_COUNT: usize = 1000;
 
 /// One entry to store if the id's stamp is still the one noted.
@@ -93,6 +98,7 @@ pub struct Cache {
     timeout: Duration,
     fill_script: Script,
     invalidate_script: Script,
+    flush_script: Script,
     breaker: Arc<Breaker>,
 }
 
@@ -104,6 +110,7 @@ impl Cache {
             timeout,
             fill_script: Script::new(redis::FILL_SCRIPT),
             invalidate_script: Script::new(redis::INVALIDATE_SCRIPT),
+            flush_script: Script::new(redis::FLUSH_SCRIPT),
             breaker: Arc::new(Breaker::default()),
         }
     }
@@ -264,10 +271,11 @@ impl Cache {
     /// until the scan reaches them: the scan's duration bounds that (see
     /// `docs/cache-design.md`).
     pub async fn flush_entries(&self) -> Result<usize, CacheError> {
-        let mut set = ::redis::cmd("SET");
-        set.arg(self.keys.flush())
+        let mut replace = self.flush_script.prepare_invoke();
+        replace
+            .key(self.keys.flush())
             .arg(format!("{:016x}", rand::rng().random::<u64>()));
-        self.run(CacheOp::Feed, &set).await?;
+        self.invoke::<i64>(CacheOp::Feed, &replace).await?;
         let mut deleted = 0;
         for pattern in self.keys.entry_patterns() {
             deleted += self.unlink_matching(&pattern).await?;

@@ -90,6 +90,17 @@ end
 return n
 ";
 
+/// A truncate's new flush token. `DEL` first, for the reason given at
+/// [`INVALIDATE_SCRIPT`]: a plain `SET` is refused at `maxmemory` under `noeviction`, and the
+/// change feed would stop at the truncate until Redis had room.
+///
+/// KEYS: the flush token. ARGV: the new token.
+pub const FLUSH_SCRIPT: &str = r"
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+";
+
 /// Key names under `CACHE_KEY_PREFIX`.
 #[derive(Debug, Clone)]
 pub struct Keys {

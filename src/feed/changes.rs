@@ -62,10 +62,20 @@ pub async fn listen(database_url: &str) -> Result<AsyncPgConnection, diesel::Con
     )
     .await
     .map_err(|_| diesel::ConnectionError::BadConnection("connecting timed out".to_owned()))??;
-    diesel::sql_query(format!("LISTEN {CHANNEL}"))
-        .execute(&mut conn)
-        .await
-        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    // The server notices a vanished follower in ~25 s, not the 2 h default, and so frees
+    // the applier's lock for another instance.
+    for setup in [
+        "SET tcp_keepalives_idle = 10".to_owned(),
+        "SET tcp_keepalives_interval = 5".to_owned(),
+        "SET tcp_keepalives_count = 3".to_owned(),
+        "SET tcp_user_timeout = 25000".to_owned(),
+        format!("LISTEN {CHANNEL}"),
+    ] {
+        diesel::sql_query(setup)
+            .execute(&mut conn)
+            .await
+            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    }
     Ok(conn)
 }
 
@@ -81,6 +91,15 @@ pub async fn try_take_role(conn: &mut AsyncPgConnection) -> diesel::QueryResult<
         .get_result(conn)
         .await?;
     Ok(taken.taken)
+}
+
+/// Lets the applier role go (another follower may take it).
+pub async fn give_up_role(conn: &mut AsyncPgConnection) -> diesel::QueryResult<()> {
+    diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<BigInt, _>(APPLIER_LOCK)
+        .execute(conn)
+        .await
+        .map(drop)
 }
 
 /// The oldest `limit` changes still queued. Every committed change is there until it is

@@ -22,7 +22,7 @@ pub mod changes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel_async::AsyncPgConnection;
 use futures_util::{FutureExt, StreamExt};
@@ -41,8 +41,18 @@ pub const SAFETY_POLL: Duration = Duration::from_secs(1);
 pub const ROLE_RETRY: Duration = Duration::from_millis(500);
 /// How soon changes are applied again after Redis failed them (as the API's retry queue).
 pub const RETRY_AFTER_FAILURE: Duration = crate::cache::invalidation::RETRY_EVERY;
-/// Changes read and applied at a time: one query, two Redis script calls, one delete.
+/// Changes read and applied at a time: one query, two Redis script calls (500 ids each,
+/// well under a millisecond of Redis time), one delete. Big enough that a million-row
+/// update drains in a thousand rounds, small enough that one round's rows (~100 KB) and
+/// its Redis calls stay small.
 const BATCH: i64 = 1000;
+/// How long the applier keeps its role while Redis refuses its changes: past this it lets
+/// the role go, so that an instance that reaches Redis (if one does) can apply them.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
+/// The deadline of one feed query. A query on a connection whose peer vanished (a
+/// partition) would otherwise wait for TCP to notice, holding the role meanwhile; this is
+/// above the statement timeout every connection has (5 s).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(6);
 /// Reconnecting backs off from the first to the second.
 const RECONNECT: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 
@@ -55,6 +65,18 @@ enum FeedError {
     Query(#[source] diesel::result::Error),
     #[error("the connection was closed")]
     Closed,
+    #[error("a feed query took longer than {0:?}")]
+    Timeout(Duration),
+}
+
+/// `query` under [`QUERY_TIMEOUT`].
+async fn bounded<T>(
+    query: impl std::future::Future<Output = diesel::QueryResult<T>>,
+) -> Result<T, FeedError> {
+    match tokio::time::timeout(QUERY_TIMEOUT, query).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(FeedError::Timeout(QUERY_TIMEOUT)),
+    }
 }
 
 impl From<diesel::result::Error> for FeedError {
@@ -63,28 +85,39 @@ impl From<diesel::result::Error> for FeedError {
     }
 }
 
-/// The follower's state, shared with `/readyz`.
-#[derive(Clone, Default)]
+/// The follower's state, shared with `/readyz`: an index into [`FollowerState::ALL`].
+#[derive(Clone)]
 pub struct Feed {
     state: Arc<AtomicU8>,
 }
 
+impl Default for Feed {
+    fn default() -> Self {
+        Feed {
+            state: Arc::new(AtomicU8::new(index_of(FollowerState::Down))),
+        }
+    }
+}
+
+fn index_of(state: FollowerState) -> u8 {
+    FollowerState::ALL
+        .iter()
+        .position(|s| *s == state)
+        .unwrap_or_default() as u8
+}
+
 impl Feed {
     pub fn state(&self) -> FollowerState {
-        match self.state.load(Ordering::Relaxed) {
-            1 => FollowerState::Applying,
-            2 => FollowerState::Standby,
-            _ => FollowerState::Down,
-        }
+        let index = usize::from(self.state.load(Ordering::Relaxed));
+        FollowerState::ALL
+            .get(index)
+            .copied()
+            .unwrap_or(FollowerState::Down)
     }
 
     fn set(&self, state: FollowerState) {
-        let code = match state {
-            FollowerState::Down => 0,
-            FollowerState::Applying => 1,
-            FollowerState::Standby => 2,
-        };
-        if self.state.swap(code, Ordering::Relaxed) != code {
+        let index = index_of(state);
+        if self.state.swap(index, Ordering::Relaxed) != index {
             metrics::record_follower_state(state);
         }
     }
@@ -110,18 +143,15 @@ impl Follower {
     /// whatever is in flight (a query, a wait): shutting down never waits for Postgres.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut backoff = RECONNECT.0;
-        let mut outage = false;
+        let mut outage = Outage::default();
         loop {
             let result = tokio::select! {
-                result = self.follow(&mut backoff) => result,
+                result = self.follow(&mut backoff, &mut outage) => result,
                 _ = stop.wait_for(|stopped| *stopped) => return,
             };
             self.feed.set(FollowerState::Down);
-            if let Err(e) = result
-                && !outage
-            {
-                tracing::warn!(error = %crate::report::chain(&e), "change feed: not following; reconnecting");
-                outage = true;
+            if let Err(e) = result {
+                outage.started(&e);
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -132,36 +162,56 @@ impl Follower {
     }
 
     /// One connection's life, until it fails.
-    async fn follow(&self, backoff: &mut Duration) -> Result<(), FeedError> {
+    async fn follow(&self, backoff: &mut Duration, outage: &mut Outage) -> Result<(), FeedError> {
         let mut conn = changes::listen(&self.database_url)
             .await
             .map_err(FeedError::Connect)?;
         *backoff = RECONNECT.0;
+        outage.ended();
         let mut applying = false;
+        let mut failing_since: Option<Instant> = None;
         loop {
-            if !applying && changes::try_take_role(&mut conn).await? {
+            if !applying && bounded(changes::try_take_role(&mut conn)).await? {
                 tracing::info!("change feed: this instance applies the changes");
                 applying = true;
             }
-            let wait = if applying {
+            let (wait, woken) = if applying {
                 self.feed.set(FollowerState::Applying);
                 match self.drain(&mut conn).await? {
-                    Drained::Empty => SAFETY_POLL,
-                    Drained::CacheFailed => RETRY_AFTER_FAILURE,
+                    Drained::Empty => {
+                        failing_since = None;
+                        (SAFETY_POLL, Wake::OnChange)
+                    }
+                    Drained::CacheFailed => {
+                        let since = *failing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > GIVE_UP_AFTER {
+                            tracing::warn!(
+                                "change feed: Redis refuses the changes; letting another instance apply them"
+                            );
+                            bounded(changes::give_up_role(&mut conn)).await?;
+                            applying = false;
+                            failing_since = None;
+                            self.feed.set(FollowerState::Standby);
+                            // Stand back one turn, so that a standby can take the role.
+                            (ROLE_RETRY * 2, Wake::OnTimer)
+                        } else {
+                            (RETRY_AFTER_FAILURE, Wake::OnTimer)
+                        }
+                    }
                 }
             } else {
                 self.feed.set(FollowerState::Standby);
-                ROLE_RETRY
+                (ROLE_RETRY, Wake::OnTimer)
             };
-            metrics::record_feed_backlog(changes::backlog(&mut conn).await?);
-            wait_for_changes(&mut conn, wait).await?;
+            metrics::record_feed_backlog(bounded(changes::backlog(&mut conn)).await?);
+            wait_for_changes(&mut conn, wait, woken).await?;
         }
     }
 
     /// Applies queued changes until none is left or Redis fails.
     async fn drain(&self, conn: &mut AsyncPgConnection) -> Result<Drained, FeedError> {
         loop {
-            let batch = changes::oldest(conn, BATCH).await?;
+            let batch = bounded(changes::oldest(conn, BATCH)).await?;
             if batch.is_empty() {
                 return Ok(Drained::Empty);
             }
@@ -177,7 +227,7 @@ impl Follower {
                 metrics::record_invalidation_lag(InvalidationSource::Feed, lag);
             }
             let seqs: Vec<i64> = batch.iter().map(|c| c.seq).collect();
-            changes::delete(conn, &seqs).await?;
+            bounded(changes::delete(conn, &seqs)).await?;
             metrics::record_feed_applied(batch.len());
             if (batch.len() as i64) < BATCH {
                 return Ok(Drained::Empty);
@@ -207,21 +257,63 @@ fn targets(batch: &[changes::Change]) -> Vec<(Target, Invalidation)> {
         .collect()
 }
 
-/// Waits for a notification or `wait`. Notifications that piled up meanwhile are taken at
-/// once: one read of the queue covers them all.
-async fn wait_for_changes(conn: &mut AsyncPgConnection, wait: Duration) -> Result<(), FeedError> {
+/// What ends a wait besides its timer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A notification: the applier, with nothing queued.
+    OnChange,
+    /// Only the timer: a standby (which does not read the queue), or an applier waiting
+    /// out a Redis failure (a notification would only make it fail again sooner).
+    OnTimer,
+}
+
+/// Waits `wait`, or until a notification if `wake` says so. Notifications that piled up
+/// meanwhile are taken at once: one read of the queue covers them all.
+async fn wait_for_changes(
+    conn: &mut AsyncPgConnection,
+    wait: Duration,
+    wake: Wake,
+) -> Result<(), FeedError> {
     let mut notifications = std::pin::pin!(conn.notifications_stream());
-    tokio::select! {
-        note = notifications.next() => match note {
-            None => return Err(FeedError::Closed),
-            Some(note) => {
-                note?;
-            }
-        },
-        _ = tokio::time::sleep(wait) => {}
+    let timer = tokio::time::sleep(wait);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            note = notifications.next() => match note {
+                None => return Err(FeedError::Closed),
+                Some(note) => {
+                    note?;
+                    if wake == Wake::OnChange {
+                        break;
+                    }
+                }
+            },
+            _ = &mut timer => break,
+        }
     }
     while let Some(Some(note)) = notifications.next().now_or_never() {
         note?;
     }
     Ok(())
+}
+
+/// Logs an outage of the follower once when it starts and once when it ends.
+#[derive(Default)]
+struct Outage {
+    since: Option<Instant>,
+}
+
+impl Outage {
+    fn started(&mut self, e: &FeedError) {
+        if self.since.is_none() {
+            tracing::warn!(error = %crate::report::chain(e), "change feed: not following; reconnecting");
+            self.since = Some(Instant::now());
+        }
+    }
+
+    fn ended(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(after = ?since.elapsed(), "change feed: following again");
+        }
+    }
 }

@@ -103,7 +103,7 @@ pub struct Page {
 
 /// How long a finished load stays joinable by readers that noted the same write stamp:
 /// long enough to cover a reader that missed the cache just before the load filled it,
-/// short next to the stamp's lifetime (a day). Loads without stamps, and failed loads,
+/// short next to the stamp's lifetime (a minute). Loads without stamps, and failed loads,
 /// never linger.
 const LINGER: Duration = Duration::from_millis(500);
 

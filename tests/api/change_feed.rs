@@ -127,12 +127,88 @@ async fn updates_deletes_inserts_and_truncates_from_psql_are_invalidated() {
 async fn an_api_write_costs_one_miss_not_two() {
     let app = spawn_app().await;
     let id = app.create_item("once", 1).await["id"].as_i64().unwrap();
+    let stamp = app.redis_get(&format!("stamp:{id}")).await;
+    assert!(
+        stamp.as_ref().is_some_and(|s| s.starts_with(b"t")),
+        "the API's stamp carries its transaction: {stamp:?}"
+    );
     assert_eq!(header(&app.get_item(id).await, "x-cache"), "MISS");
     eventually("the feed to apply the create", APPLIED_WITHIN, || async {
         (queued_changes(&app).await == 0).then_some(())
     })
     .await;
+    assert_eq!(
+        app.redis_get(&format!("stamp:{id}")).await,
+        stamp,
+        "the feed found the write invalidated and left it alone"
+    );
     assert_eq!(header(&app.get_item(id).await, "x-cache"), "HIT");
+}
+
+/// A reader paused between its Postgres read and its fill across a `TRUNCATE`: the flush
+/// token it noted has been replaced, so it cannot store the row the truncate removed.
+#[tokio::test]
+async fn a_fill_from_before_a_truncate_is_refused() {
+    let app = Arc::new(spawn_app().await);
+    let id = app.insert_items(1).await[0];
+    let armed = failpoints::arm(failpoints::BEFORE_FILL, &format!("{}item:{id}", app.prefix));
+    let reader = {
+        let app = app.clone();
+        tokio::spawn(async move { app.get_item(id).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), armed.reached())
+        .await
+        .expect("the reader reached the fill");
+    app.sql("TRUNCATE items").await;
+    app.settle_feed().await;
+    armed.release();
+    assert_eq!(
+        reader.await.unwrap().status(),
+        200,
+        "it read before the truncate"
+    );
+    assert_eq!(
+        app.redis_get(&format!("item:{id}")).await,
+        None,
+        "the fill was refused"
+    );
+    assert_eq!(version(&app, id).await, None);
+}
+
+/// A client allowed to write `items` and nothing else, with a search_path without the
+/// table's schema: its write succeeds and is recorded (the trigger runs as its definer).
+#[tokio::test]
+async fn a_restricted_client_s_writes_are_recorded_too() {
+    let app = spawn_app().await;
+    let id = app.insert_items(1).await[0];
+    cache_it(&app, id).await;
+    let role = format!("writer_{}", app.database);
+    app.sql(&format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    ))
+    .await;
+    app.sql(&format!("GRANT SELECT, UPDATE ON items TO {role}"))
+        .await;
+    let url = app
+        .backends
+        .pg
+        .url(&app.database)
+        .replace("postgres@", &format!("{role}@"));
+    let mut conn =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url)
+            .await
+            .unwrap();
+    diesel::sql_query("SET search_path = pg_catalog")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    diesel::sql_query(format!(
+        "UPDATE public.items SET price_cents = 2 WHERE id = {id}"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    until_version(&app, id, Some(2)).await;
 }
 
 /// A reader paused between its Postgres read and its fill while a psql write commits and
