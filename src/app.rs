@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::cache::{Cache, Connections};
 use crate::config::Settings;
+use crate::db::replicas::Replicas;
 use crate::db::{self, DbSetupError};
 use crate::feed::{Feed, Follower};
 use crate::http::{self, AppState};
@@ -53,7 +54,15 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let metrics = metrics::install()?;
         db::run_migrations(&settings.database_url).await?;
-        let repo = ItemRepo::new(db::pool(&settings.database_url, settings.db_pool_size)?);
+        let replicas = Replicas::new(
+            &settings.database_replica_urls,
+            settings.db_pool_size,
+            settings.database_replica_max_lag,
+        )?;
+        let repo = ItemRepo::new(
+            db::pool(&settings.database_url, settings.db_pool_size)?,
+            replicas,
+        );
 
         let factory = deadpool_redis::Config::from_url(settings.redis_url.clone())
             .builder()
@@ -123,7 +132,8 @@ impl Application {
             database_url: self.database_url.clone(),
             feed: self.state.feed.clone(),
         };
-        let feed = tokio::spawn(follower.run(stop_rx));
+        let feed = tokio::spawn(follower.run(stop_rx.clone()));
+        let replicas = tokio::spawn(self.state.service.track_replicas(stop_rx));
         let handle = self.server.handle();
         tokio::spawn(async move {
             shutdown.await;
@@ -135,6 +145,7 @@ impl Application {
         let _ = upkeep.await;
         let _ = invalidations.await;
         let _ = feed.await;
+        let _ = replicas.await;
         self.state.service.close();
         served
     }

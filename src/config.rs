@@ -63,6 +63,10 @@ impl fmt::Debug for WriteToken {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub database_url: String,
+    /// Streaming replicas for cache misses (`DATABASE_REPLICA_URL`, comma-separated).
+    pub database_replica_urls: Vec<String>,
+    /// A replica further behind than this is not read.
+    pub database_replica_max_lag: Duration,
     pub redis_url: String,
     pub listen_addr: SocketAddr,
     pub cache_mode: CacheMode,
@@ -71,6 +75,10 @@ pub struct Settings {
     pub cache_ttl_jitter: f64,
     pub cache_negative_ttl: Duration,
     pub cache_stale: Duration,
+    /// Past freshness, how long a hit still answers while one background refresh runs.
+    pub cache_swr: Duration,
+    /// The fraction of hits re-checked against Postgres off the request path.
+    pub cache_verify_sample: f64,
     pub cache_key_prefix: String,
     pub redis_timeout: Duration,
     pub db_pool_size: usize,
@@ -104,6 +112,16 @@ impl Settings {
                 "postgres://postgres@127.0.0.1:5432/itemcache",
                 &["postgres", "postgresql"],
             )?,
+            database_replica_urls: env.urls("DATABASE_REPLICA_URL", &["postgres", "postgresql"])?,
+            // At most 30 s: a write's stamp, which carries the position a replica must have
+            // replayed, lives a minute; past it a reader knows no position and relies on
+            // the replica being within this lag (see db::replicas).
+            database_replica_max_lag: Duration::from_millis(env.int(
+                "DATABASE_REPLICA_MAX_LAG_MS",
+                1000,
+                1,
+                30_000,
+            )?),
             redis_url: env.url("REDIS_URL", "redis://127.0.0.1:6379", &["redis"])?,
             listen_addr: env.parsed(
                 "LISTEN_ADDR",
@@ -119,6 +137,8 @@ impl Settings {
             cache_ttl_jitter: env.fraction("CACHE_TTL_JITTER", 0.1)?,
             cache_negative_ttl: env.secs("CACHE_NEGATIVE_TTL_SECS", 30, 1)?,
             cache_stale: env.secs("CACHE_STALE_SECS", 600, 0)?,
+            cache_swr: env.secs("CACHE_SWR_SECS", 10, 0)?,
+            cache_verify_sample: env.share("CACHE_VERIFY_SAMPLE", 0.001)?,
             cache_key_prefix: env.prefix("CACHE_KEY_PREFIX", "itemcache:")?,
             redis_timeout: Duration::from_millis(env.int("REDIS_TIMEOUT_MS", 100, 1, 60_000)?),
             db_pool_size: env.int("DB_POOL_SIZE", 16, 1, 1000)? as usize,
@@ -198,6 +218,17 @@ impl Env<'_> {
         }
     }
 
+    /// A fraction from 0 to 1, both included.
+    fn share(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
+        let Some(value) = self.raw(name) else {
+            return Ok(default);
+        };
+        match value.parse::<f64>() {
+            Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+            _ => Err(self.invalid(name, format!("must be from 0 to 1, got {value}"))),
+        }
+    }
+
     fn fraction(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
         let Some(value) = self.raw(name) else {
             return Ok(default);
@@ -224,6 +255,28 @@ impl Env<'_> {
                 format!("must be a URL starting with {}://", schemes[0]),
             )),
         }
+    }
+
+    /// A comma-separated list of URLs (none when unset or empty).
+    fn urls(&self, name: &'static str, schemes: &[&str]) -> Result<Vec<String>, ConfigError> {
+        let Some(value) = self.raw(name) else {
+            return Ok(Vec::new());
+        };
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| match url.split_once("://") {
+                Some((scheme, _)) if schemes.contains(&scheme) => Ok(url.to_owned()),
+                _ => Err(self.invalid(
+                    name,
+                    format!(
+                        "must be URLs starting with {}://, separated by commas",
+                        schemes[0]
+                    ),
+                )),
+            })
+            .collect()
     }
 
     fn prefix(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {

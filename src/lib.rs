@@ -8,6 +8,8 @@
 //! - [`items`]: the item model, its Postgres queries, and the cache-aside service.
 //! - [`cache`]: Redis entries and write stamps, coalescing, the circuit breaker, retries.
 //! - [`feed`]: the change feed follower: invalidates what any Postgres client changed.
+//! - [`hot_keys`]: the most read ids (a space-saving sketch), for `/metrics` and
+//!   `GET /admin/hot-keys`.
 //! - [`db`]: the Postgres pool and embedded migrations; [`seed`]: bulk demo data.
 //! - [`metrics`]: every metric name and label; [`telemetry`]: logs; [`report`]: an error
 //!   and its causes on one line.
@@ -18,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod failpoints;
 pub mod feed;
+pub mod hot_keys;
 pub mod http;
 pub mod items;
 pub mod metrics;

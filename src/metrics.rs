@@ -4,11 +4,14 @@
 //!
 //! Labels are `&'static str` from enums: recording allocates no label strings.
 
-use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard};
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::hot_keys::{self, HotKeys, Ranking};
 
 /// HTTP requests served. Labels: `method`, `route` (the pattern), `status`.
 pub const HTTP_REQUESTS_TOTAL: &str = "itemcache_http_requests_total";
@@ -41,6 +44,25 @@ pub const CHANGE_FEED_APPLIED_TOTAL: &str = "itemcache_change_feed_applied_total
 /// The feed follower's state, one series per state, 1 for the current one. Label: `state`
 /// (applying, standby, down).
 pub const CHANGE_FEED_FOLLOWER: &str = "itemcache_change_feed_follower";
+/// The ids this instance read most over the last one to two minutes (`hot_keys`), each
+/// with its share of the reads: at most 10 series, rendered from the sketch at each scrape.
+/// Label: `id`. Only ids surely above the sketch's noise line (1/1024 of the reads) are
+/// exported, so uniform traffic exports none.
+///
+/// `id` and not `rank`: an id keeps its series while it moves between ranks, and a new
+/// series starts only when an id enters the top 10 (each is a new series in Prometheus,
+/// cheap but not free); with `rank` in the labels, every swap of two ids would start two.
+/// The ranks are the values' order. Ranks alone (no id) would churn nothing but tell an
+/// operator nothing either.
+pub const HOT_KEY_SHARE: &str = "itemcache_hot_key_share";
+/// How far each replica is behind the primary (`DATABASE_REPLICA_URL`). Label: `replica`
+/// (its place in the list, from 0).
+pub const REPLICA_LAG_SECONDS: &str = "itemcache_replica_lag_seconds";
+/// Cache-miss reads of Postgres by where they went. Label: `target` (primary, replica).
+pub const DB_READS_TOTAL: &str = "itemcache_db_reads_total";
+/// Reads that could have gone to a replica but went to the primary. Label: `reason`
+/// (behind: no replica had replayed the reader's write; lagging; down).
+pub const REPLICA_FALLBACKS_TOTAL: &str = "itemcache_replica_fallbacks_total";
 
 /// From 50 µs (a Redis GET on loopback) to 5 s (a request stuck behind a pool timeout),
 /// roughly ×2 apart so a hit and a miss land in different buckets.
@@ -152,6 +174,46 @@ impl FollowerState {
     }
 }
 
+/// Why a read that could use a replica went to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaFallback {
+    /// No replica is configured (not counted).
+    None,
+    /// Every usable replica is behind the position of the write the reader noted.
+    Behind,
+    /// Every replica is further behind the primary than `DATABASE_REPLICA_MAX_LAG_MS`.
+    Lagging,
+    /// No replica answers.
+    Down,
+}
+
+impl ReplicaFallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaFallback::None => "none",
+            ReplicaFallback::Behind => "behind",
+            ReplicaFallback::Lagging => "lagging",
+            ReplicaFallback::Down => "down",
+        }
+    }
+}
+
+/// Where a read went: the `target` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadTarget {
+    Primary,
+    Replica,
+}
+
+impl ReadTarget {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadTarget::Primary => "primary",
+            ReadTarget::Replica => "replica",
+        }
+    }
+}
+
 /// The `query` label of Postgres metrics: one per function of `items::repo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbQuery {
@@ -214,16 +276,30 @@ pub struct MetricsError(String);
 /// recordings wait while a drain runs (one render, about half a millisecond here, once
 /// per scrape and once per upkeep tick): histograms are recorded only through [`observe`] (clippy.toml
 /// forbids `histogram!` elsewhere).
+///
+/// It also holds this application's hot-key sketch, rendered with the rest at each scrape:
+/// the recorder is the process's, but hot keys are one application's (tests run several in
+/// one process), and an `id` label set through the recorder would never leave `/metrics`.
 #[derive(Clone)]
 pub struct Exporter {
     handle: PrometheusHandle,
+    hot_keys: Arc<HotKeys>,
 }
 
 impl Exporter {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let _draining = DRAINING.write().unwrap_or_else(PoisonError::into_inner);
-        self.handle.render()
+        let mut text = {
+            let _draining = DRAINING.write().unwrap_or_else(PoisonError::into_inner);
+            self.handle.render()
+        };
+        render_hot_keys(&mut text, &self.hot_keys.ranking());
+        text
+    }
+
+    /// The sketch the HTTP handlers record item reads in.
+    pub fn hot_keys(&self) -> &HotKeys {
+        &self.hot_keys
     }
 
     /// Folds recent histogram samples into their buckets, so that they do not pile up
@@ -265,7 +341,10 @@ pub fn install() -> Result<Exporter, MetricsError> {
     });
     handle
         .clone()
-        .map(|handle| Exporter { handle })
+        .map(|handle| Exporter {
+            handle,
+            hot_keys: Arc::new(HotKeys::default()),
+        })
         .map_err(MetricsError)
 }
 
@@ -347,6 +426,18 @@ fn describe() {
         "Changes of the change feed applied to Redis by this instance"
     );
     describe_gauge!(
+        REPLICA_LAG_SECONDS,
+        "How far each replica is behind the primary"
+    );
+    describe_counter!(
+        DB_READS_TOTAL,
+        "Cache-miss reads of Postgres, by target (primary, replica)"
+    );
+    describe_counter!(
+        REPLICA_FALLBACKS_TOTAL,
+        "Reads that could have used a replica but went to the primary, by reason"
+    );
+    describe_gauge!(
         CHANGE_FEED_FOLLOWER,
         "The change feed follower's state: 1 for the current one"
     );
@@ -409,6 +500,24 @@ pub fn record_invalidation_lag(source: InvalidationSource, lag: Duration) {
     );
 }
 
+/// Replica labels as static strings for the first few replicas (more are `"many"`), so a
+/// sample allocates nothing.
+pub fn record_replica_lag(replica: usize, lag: Duration) {
+    const NAMES: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
+    let label = NAMES.get(replica).copied().unwrap_or("many");
+    gauge!(REPLICA_LAG_SECONDS, "replica" => label).set(lag.as_secs_f64());
+}
+
+pub fn record_db_read(target: ReadTarget) {
+    counter!(DB_READS_TOTAL, "target" => target.as_str()).increment(1);
+}
+
+pub fn record_replica_fallback(reason: ReplicaFallback) {
+    if reason != ReplicaFallback::None {
+        counter!(REPLICA_FALLBACKS_TOTAL, "reason" => reason.as_str()).increment(1);
+    }
+}
+
 pub fn record_feed_applied(changes: usize) {
     counter!(CHANGE_FEED_APPLIED_TOTAL).increment(changes as u64);
 }
@@ -424,6 +533,26 @@ pub fn record_follower_state(current: FollowerState) {
         } else {
             0.0
         });
+    }
+}
+
+/// Appends [`HOT_KEY_SHARE`] to an exposition: the ranking's top ids above its noise line.
+fn render_hot_keys(text: &mut String, ranking: &Ranking) {
+    let top = ranking.certain_top(hot_keys::TOP);
+    if top.is_empty() {
+        return;
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        text,
+        "# HELP {HOT_KEY_SHARE} Share of this instance's item reads in the last one to two \
+         minutes taken by each of the most read ids\n# TYPE {HOT_KEY_SHARE} gauge"
+    );
+    for key in top {
+        let _ = writeln!(text, "{HOT_KEY_SHARE}{{id=\"{}\"}} {}", key.id, key.share);
     }
 }
 
@@ -486,6 +615,7 @@ mod tests {
             .build_recorder();
         let exporter = Exporter {
             handle: recorder.handle(),
+            hot_keys: Arc::default(),
         };
         let metadata = Metadata::new(module_path!(), metrics::Level::INFO, None);
         let histogram = recorder.register_histogram(&Key::from_name("race_seconds"), &metadata);

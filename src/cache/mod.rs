@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod connections;
 pub mod invalidation;
 pub mod redis;
+pub mod refresh;
 pub mod singleflight;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use rand::Rng;
 
 use crate::cache::breaker::{Breaker, Permit};
+use crate::db::replicas::Lsn;
 use crate::items::model::ItemId;
 use crate::metrics::{self, CacheOp};
 pub use connections::Connections;
@@ -61,7 +63,12 @@ pub struct Stamp {
 /// [`redis::INVALIDATE_SCRIPT`]), or an eviction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Invalidation {
-    Write(i64),
+    /// A write: its transaction's id, and the WAL position its commit is at (0 unknown
+    /// because no replica needs it; `u64::MAX` unknown because asking failed).
+    Write {
+        txid: i64,
+        lsn: Lsn,
+    },
     Eviction,
 }
 
@@ -70,6 +77,22 @@ pub enum Invalidation {
 pub enum Target {
     Item(ItemId),
     Name(String),
+}
+
+impl Stamp {
+    /// The WAL position of the write this stamp records (`t<txid>:<lsn>:<token>`): a replica
+    /// must have replayed it to answer a reader that noted this stamp. 0 for no write (no
+    /// stamp, an eviction's).
+    pub fn lsn(&self) -> Lsn {
+        let Some(rest) = self.write.strip_prefix(b"t") else {
+            return 0;
+        };
+        let mut fields = rest.split(|&b| b == b':');
+        let lsn = fields.nth(1).and_then(|hex| std::str::from_utf8(hex).ok());
+        // A stamp that does not say is treated as the newest write.
+        lsn.and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .unwrap_or(Lsn::MAX)
+    }
 }
 
 /// How many ids one invalidation script call covers: big batches (the change feed after a
@@ -250,10 +273,10 @@ impl Cache {
             for (target, cause) in chunk {
                 let random = rand::rng().random::<u64>();
                 let (tag, stamp) = match cause {
-                    Invalidation::Write(txid) => {
-                        (format!("t{txid}"), format!("t{txid}:{random:016x}"))
+                    Invalidation::Write { txid, lsn } => {
+                        (format!("t{txid}"), format!("t{txid}:{lsn:x}:{random:016x}"))
                     }
-                    Invalidation::Eviction => (String::new(), format!("e:{random:016x}")),
+                    Invalidation::Eviction => (String::new(), format!("{random:016x}")),
                 };
                 let (entry, stamp_key) = match target {
                     Target::Item(id) => (self.keys.entry(*id), self.keys.stamp(*id)),

@@ -63,27 +63,34 @@ return filled
 /// goes to Postgres) and a new stamp (so in-flight readers cannot fill) — unless the stamp
 /// already carries this write's tag.
 ///
-/// A write's stamp is `t<txid>:<random>`, tagged with the id of its transaction. The API
-/// invalidates right after its commit, and the change feed sees the same change a moment
-/// later: finding the stamp tagged with the change's transaction, it knows an invalidation
-/// after that commit has landed, and leaves alone the entry that a reader may have filled
-/// since (without the tag, every API write would cost a second miss). An untagged
-/// invalidation (an eviction) always applies.
+/// A write's stamp is `t<txid>:<lsn>:<random>`: tagged with the id of its transaction, and
+/// the WAL position of its commit (for replicas, `db::replicas`). The API invalidates right
+/// after its commit, and the change feed sees the same change a moment later: finding the
+/// stamp tagged with the change's transaction, it knows an invalidation after that commit
+/// has landed, and leaves alone the entry that a reader may have filled since (without the
+/// tag, every API write would cost a second miss). An eviction (no tag) always applies,
+/// and keeps the `t<txid>:<lsn>:` of the stamp it replaces: it changes no data, so the last
+/// write's position still bounds which replica may answer.
 ///
 /// The `DEL` comes before the `SET`: at `maxmemory` under `noeviction` Redis refuses a
 /// script whose first write would grow memory, but lets a script that has begun writing
 /// finish, so the stamps still change when memory is full.
 ///
 /// KEYS: entry, stamp pairs. ARGV: stamp ttl_ms, then for each pair its tag (`t<txid>`, or
-/// "" for none) and its new stamp. Returns how many ids were invalidated.
+/// "" for an eviction) and its new stamp (for an eviction, the random part only). Returns
+/// how many ids were invalidated.
 pub const INVALIDATE_SCRIPT: &str = r"
 local n = 0
 for i = 1, #KEYS, 2 do
   local tag = ARGV[i + 1]
   local current = redis.call('GET', KEYS[i + 1]) or ''
+  local stamp = ARGV[i + 2]
+  if tag == '' then
+    stamp = (string.match(current, '^(t%d+:%x+:)') or 'e:') .. stamp
+  end
   if tag == '' or string.sub(current, 1, #tag + 1) ~= tag .. ':' then
     redis.call('DEL', KEYS[i])
-    redis.call('SET', KEYS[i + 1], ARGV[i + 2], 'PX', ARGV[1])
+    redis.call('SET', KEYS[i + 1], stamp, 'PX', ARGV[1])
     n = n + 1
   end
 end
@@ -163,11 +170,13 @@ pub enum Cached {
     NotFound,
 }
 
-/// A decoded entry: the value, and until when it is fresh (Unix ms).
+/// A decoded entry: the value, until when it is fresh (Unix ms), and how long the load
+/// that filled it took (ms; early refresh scales with it, `cache::refresh`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub value: Cached,
     pub fresh_until_ms: i64,
+    pub load_ms: u32,
 }
 
 impl Entry {
@@ -180,7 +189,11 @@ impl Entry {
             Cached::Item(item) => {
                 let mut out = Vec::with_capacity(item.json.len() + 32);
                 out.extend_from_slice(
-                    format!("I{} {} ", item.version, self.fresh_until_ms).as_bytes(),
+                    format!(
+                        "I{} {}/{} ",
+                        item.version, self.fresh_until_ms, self.load_ms
+                    )
+                    .as_bytes(),
                 );
                 out.extend_from_slice(&item.json);
                 out
@@ -197,13 +210,23 @@ impl Entry {
             b'N' => Some(Entry {
                 value: Cached::NotFound,
                 fresh_until_ms: parse_i64(rest.strip_prefix(b" ")?)?,
+                load_ms: 0,
             }),
             b'I' => {
                 let version_end = rest.iter().position(|&b| b == b' ')?;
                 let version = parse_i64(&rest[..version_end])?;
                 let after_version = &rest[version_end + 1..];
                 let fresh_end = after_version.iter().position(|&b| b == b' ')?;
-                let fresh_until_ms = parse_i64(&after_version[..fresh_end])?;
+                // `<fresh_until_ms>/<load_ms>`; entries written before the load time was
+                // kept have no `/` (no early refresh for them).
+                let freshness = &after_version[..fresh_end];
+                let (fresh_until_ms, load_ms) = match freshness.iter().position(|&b| b == b'/') {
+                    Some(slash) => (
+                        parse_i64(&freshness[..slash])?,
+                        u32::try_from(parse_i64(&freshness[slash + 1..])?).ok()?,
+                    ),
+                    None => (parse_i64(freshness)?, 0),
+                };
                 let json_start = 1 + version_end + 1 + fresh_end + 1;
                 Some(Entry {
                     value: Cached::Item(ItemJson {
@@ -211,6 +234,7 @@ impl Entry {
                         json: raw.slice(json_start..),
                     }),
                     fresh_until_ms,
+                    load_ms,
                 })
             }
             _ => None,
@@ -272,12 +296,19 @@ mod tests {
                 json: json.clone(),
             }),
             fresh_until_ms: 1_764_000_000_123,
+            load_ms: 17,
         };
         let decoded = Entry::decode(Bytes::from(entry.encode()));
         assert_eq!(decoded, Some(entry));
+        let before_load_times = Entry::decode(Bytes::from_static(b"I12 99 {}"));
+        assert_eq!(
+            before_load_times.map(|e| (e.fresh_until_ms, e.load_ms)),
+            Some((99, 0))
+        );
         let not_found = Entry {
             value: Cached::NotFound,
             fresh_until_ms: 5,
+            load_ms: 0,
         };
         assert_eq!(
             Entry::decode(Bytes::from(not_found.encode())),
@@ -321,7 +352,15 @@ mod tests {
 
     #[test]
     fn foreign_values_decode_as_misses() {
-        for raw in [&b""[..], b"X", b"I12", b"I12 x {}", b"N", b"Nx"] {
+        for raw in [
+            &b""[..],
+            b"X",
+            b"I12",
+            b"I12 x {}",
+            b"I12 5/x {}",
+            b"N",
+            b"Nx",
+        ] {
             assert_eq!(Entry::decode(Bytes::copy_from_slice(raw)), None, "{raw:?}");
         }
     }

@@ -6,6 +6,7 @@ use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::db;
+use crate::db::replicas::{Lsn, parse_lsn};
 
 /// The channel the triggers `NOTIFY` on.
 pub const CHANNEL: &str = "itemcache_changes";
@@ -36,11 +37,21 @@ pub struct Change {
     /// The row's name after the change (inserts, updates).
     #[diesel(sql_type = Nullable<Text>)]
     pub new_name: Option<String>,
+    /// The primary's WAL insert position when the change was read: at or past its commit
+    /// (it was visible, so committed, and its commit record inserted).
+    #[diesel(sql_type = Text)]
+    pub read_at: String,
 }
 
 impl Change {
     pub fn is_truncate(&self) -> bool {
         self.op == "T"
+    }
+
+    /// [`Change::read_at`] as a number (the highest if it does not parse: no replica is
+    /// then trusted with this change's rows until a later write).
+    pub fn lsn(&self) -> Lsn {
+        parse_lsn(&self.read_at).unwrap_or(Lsn::MAX)
     }
 
     /// The names whose lookups this change alters: the name an item got or lost (an
@@ -107,7 +118,8 @@ pub async fn give_up_role(conn: &mut AsyncPgConnection) -> diesel::QueryResult<(
 /// change whose transaction took its number early and committed late).
 pub async fn oldest(conn: &mut AsyncPgConnection, limit: i64) -> diesel::QueryResult<Vec<Change>> {
     diesel::sql_query(
-        "SELECT seq, item_id, op::text AS op, changed_at, xid, old_name, new_name \
+        "SELECT seq, item_id, op::text AS op, changed_at, xid, old_name, new_name, \
+                pg_current_wal_insert_lsn()::text AS read_at \
          FROM item_changes ORDER BY seq LIMIT $1",
     )
     .bind::<BigInt, _>(limit)

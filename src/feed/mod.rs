@@ -29,6 +29,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use crate::cache::{Invalidation, Target};
+use crate::db::replicas::Lsn;
 use crate::items::model::ItemId;
 use crate::items::service::ItemService;
 use crate::metrics::{self, FollowerState, InvalidationSource};
@@ -215,7 +216,8 @@ impl Follower {
             if batch.is_empty() {
                 return Ok(Drained::Empty);
             }
-            let changed = targets(&batch);
+            let lsn = batch.iter().map(|c| c.lsn()).max().unwrap_or(Lsn::MAX);
+            let changed = targets(&batch, lsn);
             let truncated = batch.iter().any(changes::Change::is_truncate);
             if let Err(e) = self.service.apply_changes(&changed, truncated).await {
                 tracing::debug!(error = %crate::report::chain(&e), "change feed: Redis refused the changes; retrying");
@@ -241,7 +243,9 @@ impl Follower {
 /// the earlier changes too; the batch is in commit-independent `seq` order, so "latest" is
 /// the latest recorded, and a later change of the same target comes in this batch or a
 /// later one).
-fn targets(batch: &[changes::Change]) -> Vec<(Target, Invalidation)> {
+///
+/// `lsn`: a WAL position at or past every change of the batch's commit (read with it).
+fn targets(batch: &[changes::Change], lsn: Lsn) -> Vec<(Target, Invalidation)> {
     let mut latest: BTreeMap<Target, i64> = BTreeMap::new();
     for change in batch {
         if let Some(id) = change.item_id.and_then(ItemId::new) {
@@ -253,7 +257,7 @@ fn targets(batch: &[changes::Change]) -> Vec<(Target, Invalidation)> {
     }
     latest
         .into_iter()
-        .map(|(target, xid)| (target, Invalidation::Write(xid)))
+        .map(|(target, xid)| (target, Invalidation::Write { txid: xid, lsn }))
         .collect()
 }
 

@@ -1,5 +1,5 @@
 //! Conditional requests and the read headers: `ETag`, `If-None-Match`, `If-Match`,
-//! `X-Cache` and `Server-Timing`.
+//! `X-Cache`, `Cache-Status` and `Server-Timing`.
 
 use actix_web::HttpRequest;
 use actix_web::http::header::{self, HeaderName, HeaderValue};
@@ -10,6 +10,7 @@ use crate::metrics::CacheStatus;
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// An item's entity tag: its version, which grows on every change.
 #[expect(
@@ -22,6 +23,41 @@ pub fn etag(version: i64) -> HeaderValue {
 
 pub fn x_cache(status: CacheStatus) -> HeaderValue {
     HeaderValue::from_static(status.header_value())
+}
+
+/// `Cache-Status` (RFC 9211): one list member, `itemcache`, saying how this cache handled
+/// the read. Our four outcomes in the RFC's terms:
+/// - `HIT`: `hit`, answered from the cache without going forward.
+/// - `MISS`: `fwd=miss; stored`, went forward to Postgres, and the answer was cached. `miss`
+///   rather than `uri-miss` or `stale`: the lookup does not say whether an expired entry
+///   was there.
+/// - `STALE`: `fwd=stale; fwd-status=503`, went forward because the entry was past
+///   freshness, Postgres could not answer (what we would have answered is a 503), and the
+///   stale entry was served. Without `fwd-status` the RFC reads the forward as having
+///   answered with the response's own status, 200, which it did not.
+/// - `BYPASS`: `fwd=bypass`, the cache was not used for this read (disabled, unavailable,
+///   an invalidation still pending, or a page not cached).
+///
+/// `ttl_secs`: the remaining freshness of the entry served or stored (negative when
+/// stale), when known.
+#[expect(
+    clippy::expect_used,
+    reason = "the value is ASCII letters, digits and punctuation, always a valid header value"
+)]
+pub fn cache_status(status: CacheStatus, ttl_secs: Option<i64>) -> HeaderValue {
+    let base = match status {
+        CacheStatus::Hit => "itemcache; hit",
+        CacheStatus::Miss => "itemcache; fwd=miss; stored",
+        CacheStatus::Stale => "itemcache; fwd=stale; fwd-status=503",
+        CacheStatus::Bypass => "itemcache; fwd=bypass",
+    };
+    match ttl_secs {
+        Some(ttl) if status != CacheStatus::Bypass => {
+            HeaderValue::from_str(&format!("{base}; ttl={ttl}"))
+                .expect("Cache-Status is a header value")
+        }
+        _ => HeaderValue::from_static(base),
+    }
 }
 
 /// `cache;dur=0.120, db;dur=1.800` in milliseconds (W3C Server Timing).
@@ -99,6 +135,32 @@ pub fn if_match(req: &HttpRequest) -> Option<Vec<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_status_names_each_outcome_in_rfc_9211_terms() {
+        let value = |status, ttl| cache_status(status, ttl).to_str().map(str::to_owned);
+        assert_eq!(
+            value(CacheStatus::Hit, None).ok().as_deref(),
+            Some("itemcache; hit")
+        );
+        assert_eq!(
+            value(CacheStatus::Hit, Some(123)).ok().as_deref(),
+            Some("itemcache; hit; ttl=123")
+        );
+        assert_eq!(
+            value(CacheStatus::Miss, Some(300)).ok().as_deref(),
+            Some("itemcache; fwd=miss; stored; ttl=300")
+        );
+        assert_eq!(
+            value(CacheStatus::Stale, Some(-42)).ok().as_deref(),
+            Some("itemcache; fwd=stale; fwd-status=503; ttl=-42")
+        );
+        // Nothing was cached: no freshness to report.
+        assert_eq!(
+            value(CacheStatus::Bypass, Some(5)).ok().as_deref(),
+            Some("itemcache; fwd=bypass")
+        );
+    }
 
     #[test]
     fn conditions_parse_strong_weak_lists_and_star() {

@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::db::replicas;
 use crate::http::AppState;
 use crate::http::openapi;
 use crate::metrics::FollowerState;
@@ -35,12 +36,18 @@ pub(crate) struct Readiness {
     /// (following; another instance applies), `down` (not connected: changes made by
     /// other programs wait in Postgres until a follower applies them).
     change_feed: FollowerState,
+    /// With `DATABASE_REPLICA_URL` only: `ok` (every replica up and within
+    /// `DATABASE_REPLICA_MAX_LAG_MS`) or `degraded` (some misses go to the primary instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::ReplicaStatus>)]
+    replicas: Option<&'static str>,
 }
 
 /// Readiness
 ///
-/// 200 `ok` with both up, 200 `degraded` with Redis down (reads go to Postgres) or the
-/// change feed not followed, 503 `unavailable` with Postgres down. Each check is bounded
+/// 200 `ok` with both up, 200 `degraded` with Redis down (reads go to Postgres), the
+/// change feed not followed, or a replica down or lagging (its misses go to the primary),
+/// 503 `unavailable` with Postgres down. Each check is bounded
 /// by its pool's timeouts.
 #[utoipa::path(
     get,
@@ -54,15 +61,24 @@ pub(crate) struct Readiness {
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let (postgres, redis) = tokio::join!(state.service.ping_postgres(), state.service.ping_redis());
     let change_feed = state.feed.state();
+    let replicas = state.service.replica_health();
+    let degraded = redis.is_err()
+        || change_feed == FollowerState::Down
+        || replicas == replicas::Health::Degraded;
     let readiness = Readiness {
-        status: match (&postgres, &redis, change_feed) {
-            (Err(_), _, _) => "unavailable",
-            (Ok(()), Err(_), _) | (Ok(()), Ok(()), FollowerState::Down) => "degraded",
-            (Ok(()), Ok(()), _) => "ok",
+        status: match (&postgres, degraded) {
+            (Err(_), _) => "unavailable",
+            (Ok(()), true) => "degraded",
+            (Ok(()), false) => "ok",
         },
         postgres: if postgres.is_ok() { "ok" } else { "down" },
         redis: if redis.is_ok() { "ok" } else { "down" },
         change_feed,
+        replicas: match replicas {
+            replicas::Health::None => None,
+            replicas::Health::Ok => Some("ok"),
+            replicas::Health::Degraded => Some("degraded"),
+        },
     };
     if postgres.is_ok() {
         HttpResponse::Ok().json(readiness)

@@ -1,13 +1,13 @@
 //! Item handlers: extract, call one `ItemService` method, build the response.
 
-use actix_web::http::header;
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::http::AppState;
 use crate::http::body::JsonBody;
 use crate::http::errors::ApiError;
-use crate::http::headers::{self, SERVER_TIMING, X_CACHE};
+use crate::http::headers::{self, CACHE_STATUS, SERVER_TIMING, X_CACHE};
 use crate::http::middleware::WriteAccess;
 use crate::http::openapi;
 use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NAME_MAX_CHARS, NewItem};
@@ -24,7 +24,7 @@ type State = web::Data<AppState>;
 /// Read an item
 ///
 /// A cache-aside read: from Redis while it holds the item, else from Postgres (and then
-/// cached); `X-Cache` says which. A "not found" is cached too. While Postgres is down, a
+/// cached); `X-Cache` and `Cache-Status` (RFC 9211) say which. A "not found" is cached too. While Postgres is down, a
 /// cached item is still served (`STALE`). With `If-None-Match` naming the current `ETag`:
 /// 304, no body.
 #[utoipa::path(
@@ -34,9 +34,9 @@ type State = web::Data<AppState>;
     params(openapi::ItemPath, openapi::IfNoneMatch),
     responses(
         (status = 200, description = "The item", body = openapi::Item,
-            headers(("ETag"), ("X-Cache"), ("Server-Timing"))),
+            headers(("ETag"), ("X-Cache"), ("Cache-Status"), ("Server-Timing"))),
         (status = 304, description = "Not modified: the item is at the version in `If-None-Match`",
-            headers(("ETag"), ("X-Cache"))),
+            headers(("ETag"), ("X-Cache"), ("Cache-Status"))),
         openapi::GetItemProblems,
     ),
 )]
@@ -47,6 +47,7 @@ pub async fn get_item(
 ) -> Result<HttpResponse, ApiError> {
     let id = ItemId::parse(&path).ok_or(ApiError::InvalidId)?;
     let lookup = state.service.get(id).await?;
+    state.hot_keys().record(id);
     match &lookup.value {
         None => {
             // Not an error of ours, but still a read: keep its cache headers.
@@ -60,6 +61,7 @@ pub async fn get_item(
                 return Ok(HttpResponse::NotModified()
                     .insert_header((header::ETAG, etag))
                     .insert_header((X_CACHE, headers::x_cache(lookup.status)))
+                    .insert_header((CACHE_STATUS, cache_status(&lookup)))
                     .finish());
             }
             Ok(read_response(&lookup)
@@ -87,6 +89,8 @@ pub async fn get_item(
                 ("X-Cache", description = "Batch reads and name lookups only. `BYPASS` if \
                     the cache was not used, else `MISS` if anything was read from Postgres, \
                     else `STALE` if any entry was served stale, else `HIT`."),
+                ("Cache-Status", description = "Batch reads and name lookups only: \
+                    `X-Cache`'s outcome in RFC 9211 terms."),
                 ("Server-Timing", description = "Batch reads and name lookups only."),
             )),
         openapi::GetItemsProblems,
@@ -96,6 +100,7 @@ pub async fn get_items(state: State, req: HttpRequest) -> Result<HttpResponse, A
     match ItemsQuery::parse(req.query_string())? {
         ItemsQuery::Batch(ids) => {
             let lookup = state.service.get_many(&ids).await?;
+            state.hot_keys().record_all(&ids);
             Ok(read_response(&lookup).body(batch_body(&lookup.value)))
         }
         ItemsQuery::Page { after_id, limit } => {
@@ -228,6 +233,7 @@ fn read_response<T>(lookup: &Lookup<T>) -> actix_web::HttpResponseBuilder {
     response
         .content_type("application/json")
         .insert_header((X_CACHE, headers::x_cache(lookup.status)))
+        .insert_header((CACHE_STATUS, cache_status(lookup)))
         .insert_header((SERVER_TIMING, headers::server_timing(&lookup.timing)));
     response
 }
@@ -235,7 +241,14 @@ fn read_response<T>(lookup: &Lookup<T>) -> actix_web::HttpResponseBuilder {
 fn copy_read_headers<T>(lookup: &Lookup<T>, response: &mut HttpResponse) {
     let headers = response.headers_mut();
     headers.insert(X_CACHE, headers::x_cache(lookup.status));
+    headers.insert(CACHE_STATUS, cache_status(lookup));
     headers.insert(SERVER_TIMING, headers::server_timing(&lookup.timing));
+}
+
+/// The read's `Cache-Status`. Without `ttl`: a `Lookup` does not carry the freshness of the
+/// entry it served or stored.
+fn cache_status<T>(lookup: &Lookup<T>) -> HeaderValue {
+    headers::cache_status(lookup.status, None)
 }
 
 fn item_response(response: &mut actix_web::HttpResponseBuilder, item: &Item) -> HttpResponse {

@@ -103,7 +103,8 @@ fn cache_label(x_cache: &HeaderValue) -> &'static str {
 
 /// Proof that a write may proceed: `WRITE_TOKEN` is unset, or the request carries it as
 /// `Authorization: Bearer <token>`. Write handlers take it as their first argument, so a
-/// request without the token gets 401 before its body is even read.
+/// request without the token gets 401 before its body is even read. `GET /admin/hot-keys`
+/// takes it too: the same token guards the operators' views.
 pub struct WriteAccess;
 
 impl FromRequest for WriteAccess {

@@ -1,5 +1,6 @@
 //! HTTP: routes, handlers, errors and headers. Knows no SQL and no Redis.
 
+pub mod admin;
 pub mod body;
 pub mod docs;
 pub mod errors;
@@ -100,6 +101,7 @@ route_table! {
         delete: items::delete_item,
     },
     "/cache/items/{id}" => { delete: items::evict_item },
+    "/admin/hot-keys" => { get: admin::hot_keys },
     "/healthz" => { get: health::healthz },
     "/readyz" => { get: health::readyz },
     "/metrics" => { get: health::metrics },

@@ -5,7 +5,8 @@
 //! owns what the handlers' annotations share:
 //! - schemas of the bodies. Where the service has a serde type for a body, the schema is
 //!   derived on it and re-exported here, where the annotations name it: [`Item`] and
-//!   [`FieldError`] (`items/model.rs`), [`Page`] (`items/service.rs`), `Problem`
+//!   [`FieldError`] (`items/model.rs`), [`Page`] (`items/service.rs`), [`HotKey`]
+//!   (`hot_keys.rs`), `Problem`
 //!   (`http/errors.rs`), `Readiness` (`http/health.rs`). Where it has none, the type here
 //!   is schema-only: request bodies are parsed as raw JSON, the batch body is spliced from
 //!   cached bytes, `/healthz` answers a literal;
@@ -45,6 +46,7 @@ use crate::http::errors::{ApiError, PROBLEM_JSON};
 use crate::http::items::{BATCH_MAX, LIST_DEFAULT, LIST_MAX};
 use crate::items::model::{DESCRIPTION_MAX_CHARS, NAME_MAX_CHARS};
 
+pub use crate::hot_keys::HotKey;
 pub(crate) use crate::http::errors::Problem;
 pub(crate) use crate::http::health::Readiness;
 pub use crate::items::model::{FieldError, Item};
@@ -65,6 +67,7 @@ pub use crate::items::service::Page;
     tags(
         (name = "items", description = "Items: cache-aside reads, and writes that invalidate"),
         (name = "cache", description = "The cache itself"),
+        (name = "admin", description = "Operators' views of a running instance"),
         (name = "operations", description = "Health, readiness and metrics"),
         (name = "documentation", description = "This document and its Swagger UI"),
     ),
@@ -104,13 +107,15 @@ pub fn document(writes_need_token: bool) -> OpenApi {
         );
     }
     for item in doc.paths.paths.values_mut() {
-        for (method, operation) in operations_mut(item) {
-            let write = method != Method::GET;
-            if write && writes_need_token {
+        for (_, operation) in operations_mut(item) {
+            // Guarded by the token: the writes and the admin views, each of which lists
+            // the 401 it answers without it.
+            let guarded = operation.responses.responses.contains_key("401");
+            if guarded && writes_need_token {
                 operation.security = Some(vec![SecurityRequirement::new(BEARER, [""; 0])]);
             }
             let responses = &mut operation.responses.responses;
-            if write && !writes_need_token {
+            if guarded && !writes_need_token {
                 responses.remove("401");
             }
             for response in responses.values_mut() {
@@ -195,6 +200,20 @@ fn shared_headers() -> BTreeMap<String, RefOr<Header>> {
                 .enum_values(Some(["HIT", "MISS", "STALE", "BYPASS"]))
                 .build(),
             json!("HIT"),
+        ),
+        (
+            "Cache-Status",
+            "How the cache handled the read (RFC 9211), `X-Cache` in the standard's terms: \
+             `hit` (answered from the cache); `fwd=miss; stored` (read from Postgres, now \
+             cached); `fwd=stale; fwd-status=503` (the entry was past freshness and Postgres \
+             could not be read: the stale entry was served); `fwd=bypass` (the cache was not \
+             used). `ttl`, when present, is the entry's remaining freshness in seconds \
+             (negative when stale).",
+            string(Some(
+                r"^itemcache; (hit|fwd=miss; stored|fwd=stale; fwd-status=503|fwd=bypass)(; ttl=-?[0-9]+)?$",
+            ))
+            .build(),
+            json!("itemcache; hit"),
         ),
         (
             "Server-Timing",
@@ -399,7 +418,7 @@ impl IntoResponses for GetItemProblems {
             ApiError::Overloaded,
         ]);
         if let Some(RefOr::T(not_found)) = responses.get_mut("404") {
-            for name in ["X-Cache", "Server-Timing"] {
+            for name in ["X-Cache", "Cache-Status", "Server-Timing"] {
                 not_found
                     .headers
                     .insert(name.to_owned(), RefOr::T(Header::default()));
@@ -451,6 +470,8 @@ problem_responses! {
     ];
     /// `DELETE /cache/items/{id}`.
     EvictItemProblems: [ApiError::InvalidId, ApiError::Unauthorized];
+    /// `GET /admin/hot-keys`.
+    HotKeysProblems: [ApiError::Unauthorized];
 }
 
 // --- schemas -----------------------------------------------------------------------------
@@ -566,6 +587,16 @@ pub enum ReadinessStatus {
     Ok,
     Degraded,
     Unavailable,
+}
+
+// The values of `Readiness::replicas`.
+/// `ok`: every replica up and within `DATABASE_REPLICA_MAX_LAG_MS`; `degraded`: some
+/// misses go to the primary instead.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaStatus {
+    Ok,
+    Degraded,
 }
 
 // The values of `Readiness::postgres` and `::redis`.
@@ -814,6 +845,11 @@ mod tests {
         assert!(post(&without)["responses"]["401"].is_null());
         assert!(without["components"]["securitySchemes"].is_null());
         assert!(with["paths"]["/items"]["get"]["security"].is_null());
+        // The admin views are reads, guarded like the writes.
+        let hot_keys = |doc: &Value| doc["paths"]["/admin/hot-keys"]["get"].clone();
+        assert_eq!(hot_keys(&with)["security"], json!([{BEARER: []}]));
+        assert!(hot_keys(&with)["responses"]["401"].is_object());
+        assert!(hot_keys(&without)["responses"]["401"].is_null());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::config::WriteToken;
 use crate::feed::Feed;
+use crate::hot_keys::HotKeys;
 use crate::items::service::ItemService;
 use crate::metrics::{self, PoolName};
 
@@ -15,6 +16,12 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The sketch of the most read ids, which the item handlers record reads in. The
+    /// exporter keeps it, to render it into `/metrics`.
+    pub fn hot_keys(&self) -> &HotKeys {
+        self.metrics.hot_keys()
+    }
+
     /// Samples both pools into the pool gauges.
     pub fn sample_pools(&self) {
         let usage = self.service.pool_usage();

@@ -9,11 +9,14 @@ use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::pooled_connection::deadpool::Object;
 use diesel_async::{AsyncConnection, RunQueryDsl};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::db::PgPool;
+use crate::db::replicas::{Lsn, Replicas, parse_lsn};
 use crate::items::model::{Item, ItemId, ItemPatch, NewItem};
-use crate::metrics::{self, DbQuery};
+use crate::metrics::{self, DbQuery, ReadTarget, ReplicaFallback};
 use crate::schema::items;
 
 /// What a failed Postgres operation was caused by; shared (`Arc`) because one load's
@@ -100,11 +103,16 @@ const OUTAGE_MESSAGES: &[(&str, &str)] = &[
     ("55P03", "canceling statement due to lock timeout"),
 ];
 
-/// The id of the transaction that made a write (`txid_current()`), which the change feed
-/// records with each change: the cache tags the write's invalidation with it, so that the
-/// feed can tell the change was invalidated already (see `cache::redis::INVALIDATE_SCRIPT`).
+/// A write's commit: the id of its transaction (`txid_current()`), which the change feed
+/// records with each change, and the WAL position its commit is at (`lsn`; with replicas
+/// only, 0 without). The cache tags the write's invalidation with both: the feed can tell
+/// the change was invalidated already (`cache::redis::INVALIDATE_SCRIPT`), and a reader
+/// which replica has replayed it (`db::replicas`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Txid(pub i64);
+pub struct Commit {
+    pub txid: i64,
+    pub lsn: Lsn,
+}
 
 /// `txid_current()` in a `RETURNING` list.
 fn txid() -> diesel::expression::SqlLiteral<diesel::sql_types::BigInt> {
@@ -116,14 +124,14 @@ fn txid() -> diesel::expression::SqlLiteral<diesel::sql_types::BigInt> {
 #[derive(Debug)]
 pub struct Updated {
     pub item: Item,
-    pub txid: Txid,
+    pub commit: Commit,
     pub old_name: Option<String>,
 }
 
 /// A delete's result: its transaction, and the name the row had.
 #[derive(Debug)]
 pub struct Deleted {
-    pub txid: Txid,
+    pub commit: Commit,
     pub name: String,
 }
 
@@ -172,6 +180,8 @@ pub const IN_FLIGHT_PER_CONNECTION: usize = 8;
 #[derive(Clone)]
 pub struct ItemRepo {
     pool: PgPool,
+    /// Streaming replicas that may answer cache misses (none by default).
+    replicas: Replicas,
     gate: Arc<Semaphore>,
     /// Whether the last connection attempt failed: outages are logged when they start
     /// and end, not once per request.
@@ -179,10 +189,11 @@ pub struct ItemRepo {
 }
 
 impl ItemRepo {
-    pub fn new(pool: PgPool) -> ItemRepo {
+    pub fn new(pool: PgPool, replicas: Replicas) -> ItemRepo {
         let size = pool.status().max_size;
         ItemRepo {
             pool,
+            replicas,
             gate: Arc::new(Semaphore::new(size * IN_FLIGHT_PER_CONNECTION)),
             down: Arc::new(AtomicBool::new(false)),
         }
@@ -214,33 +225,111 @@ impl ItemRepo {
         &self.pool
     }
 
-    #[tracing::instrument(skip_all, fields(item.id = %id))]
-    pub async fn get_item(&self, id: ItemId) -> Result<Option<Item>, RepoError> {
+    pub fn replicas(&self) -> &Replicas {
+        &self.replicas
+    }
+
+    /// A read of a cache miss: on a replica that has replayed `at_least` (the position of
+    /// the newest write the reader noted a stamp of) and is within the lag bound, else on
+    /// the primary. `None`: the primary (a reader that noted no stamps, so knows of no
+    /// position). A replica that fails as an outage is marked down and the read goes on to
+    /// the primary at once.
+    async fn read<T, F>(
+        &self,
+        query: DbQuery,
+        at_least: Option<Lsn>,
+        run: F,
+    ) -> Result<T, RepoError>
+    where
+        F: for<'c> Fn(&'c mut diesel_async::AsyncPgConnection) -> BoxFuture<'c, QueryResult<T>>,
+    {
         let started = Instant::now();
+        if let Some(at_least) = at_least {
+            match self.replicas.choose(at_least) {
+                Ok(replica) => {
+                    let _in_flight = self.gate.try_acquire().map_err(|_| RepoError::Overloaded)?;
+                    let result = match replica.pool().get().await {
+                        Ok(mut conn) => run(&mut conn).await.map_err(RepoError::from),
+                        Err(e) => Err(RepoError::from(e)),
+                    };
+                    match result {
+                        Ok(value) => {
+                            metrics::record_db_query(query, started.elapsed());
+                            metrics::record_db_read(ReadTarget::Replica);
+                            return Ok(value);
+                        }
+                        Err(RepoError::Unavailable(_)) => {
+                            replica.mark_down();
+                            metrics::record_replica_fallback(ReplicaFallback::Down);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(why) => metrics::record_replica_fallback(why),
+            }
+        }
         let (mut conn, _in_flight) = self.checkout().await?;
-        let item = items::table
-            .find(id.get())
-            .select(Item::as_select())
-            .first(&mut conn)
-            .await
-            .optional();
-        metrics::record_db_query(DbQuery::GetItem, started.elapsed());
-        Ok(item?)
+        let value = run(&mut conn).await;
+        metrics::record_db_query(query, started.elapsed());
+        metrics::record_db_read(ReadTarget::Primary);
+        Ok(value?)
+    }
+
+    /// A write's commit, right after it on its connection: the WAL position is asked for
+    /// only when replicas are configured. If that fails, the position is unknown: the
+    /// highest, so no replica serves this write's id until a later write stamps it.
+    async fn commit(&self, conn: &mut diesel_async::AsyncPgConnection, txid: i64) -> Commit {
+        #[derive(diesel::QueryableByName)]
+        struct Position {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            lsn: String,
+        }
+        let lsn = if self.replicas.is_empty() {
+            0
+        } else {
+            diesel::sql_query("SELECT pg_current_wal_insert_lsn()::text AS lsn")
+                .get_result::<Position>(conn)
+                .await
+                .ok()
+                .and_then(|p| parse_lsn(&p.lsn))
+                .unwrap_or(Lsn::MAX)
+        };
+        Commit { txid, lsn }
+    }
+
+    #[tracing::instrument(skip_all, fields(item.id = %id))]
+    pub async fn get_item(
+        &self,
+        id: ItemId,
+        at_least: Option<Lsn>,
+    ) -> Result<Option<Item>, RepoError> {
+        self.read(DbQuery::GetItem, at_least, |conn| {
+            items::table
+                .find(id.get())
+                .select(Item::as_select())
+                .first(conn)
+                .map(OptionalExtension::optional)
+                .boxed()
+        })
+        .await
     }
 
     /// One `= ANY($1)` query for all ids; the rows come back in no particular order.
     #[tracing::instrument(skip_all, fields(item.count = ids.len()))]
-    pub async fn get_items(&self, ids: &[ItemId]) -> Result<Vec<Item>, RepoError> {
-        let started = Instant::now();
+    pub async fn get_items(
+        &self,
+        ids: &[ItemId],
+        at_least: Option<Lsn>,
+    ) -> Result<Vec<Item>, RepoError> {
         let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
-        let (mut conn, _in_flight) = self.checkout().await?;
-        let rows = items::table
-            .filter(items::id.eq_any(raw))
-            .select(Item::as_select())
-            .load(&mut conn)
-            .await;
-        metrics::record_db_query(DbQuery::GetItems, started.elapsed());
-        Ok(rows?)
+        self.read(DbQuery::GetItems, at_least, |conn| {
+            items::table
+                .filter(items::id.eq_any(raw.clone()))
+                .select(Item::as_select())
+                .load(conn)
+                .boxed()
+        })
+        .await
     }
 
     /// Keyset page: ids greater than `after`, ascending.
@@ -262,18 +351,24 @@ impl ItemRepo {
     /// The ids of the first `limit` items named exactly `name`, ascending (an index-only
     /// scan of `items_name_id`).
     #[tracing::instrument(skip_all)]
-    pub async fn ids_by_name(&self, name: &str, limit: i64) -> Result<Vec<ItemId>, RepoError> {
-        let started = Instant::now();
-        let (mut conn, _in_flight) = self.checkout().await?;
-        let ids = items::table
-            .filter(items::name.eq(name))
-            .order(items::id.asc())
-            .limit(limit)
-            .select(items::id)
-            .load::<i64>(&mut conn)
-            .await;
-        metrics::record_db_query(DbQuery::IdsByName, started.elapsed());
-        Ok(ids?.into_iter().filter_map(ItemId::new).collect())
+    pub async fn ids_by_name(
+        &self,
+        name: &str,
+        limit: i64,
+        at_least: Option<Lsn>,
+    ) -> Result<Vec<ItemId>, RepoError> {
+        let ids = self
+            .read(DbQuery::IdsByName, at_least, |conn| {
+                items::table
+                    .filter(items::name.eq(name.to_owned()))
+                    .order(items::id.asc())
+                    .limit(limit)
+                    .select(items::id)
+                    .load::<i64>(conn)
+                    .boxed()
+            })
+            .await?;
+        Ok(ids.into_iter().filter_map(ItemId::new).collect())
     }
 
     /// Keyset page of the items named exactly `name`: ids greater than `after`, ascending.
@@ -299,7 +394,7 @@ impl ItemRepo {
     }
 
     #[tracing::instrument(skip_all)]
-    pub async fn insert_item(&self, new: &NewItem) -> Result<(Item, Txid), RepoError> {
+    pub async fn insert_item(&self, new: &NewItem) -> Result<(Item, Commit), RepoError> {
         let started = Instant::now();
         let (mut conn, _in_flight) = self.checkout().await?;
         let item = diesel::insert_into(items::table)
@@ -309,7 +404,8 @@ impl ItemRepo {
             .await;
         metrics::record_db_query(DbQuery::InsertItem, started.elapsed());
         let (item, txid) = item?;
-        Ok((item, Txid(txid)))
+        let commit = self.commit(&mut conn, txid).await;
+        Ok((item, commit))
     }
 
     /// Applies `patch` if the row is at one of the `expected` versions (`If-Match`), or
@@ -351,7 +447,7 @@ impl ItemRepo {
             Some((item, txid, old_name)) => Ok(WriteOutcome::Done(Updated {
                 old_name: old_name.filter(|old| *old != item.name),
                 item,
-                txid: Txid(txid),
+                commit: self.commit(&mut conn, txid).await,
             })),
             None => Ok(self.why_not_written(&mut conn, id).await?),
         }
@@ -386,7 +482,7 @@ impl ItemRepo {
         match deleted? {
             None => Ok(self.why_not_written(&mut conn, id).await?),
             Some((txid, name)) => Ok(WriteOutcome::Done(Deleted {
-                txid: Txid(txid),
+                commit: self.commit(&mut conn, txid).await,
                 name,
             })),
         }

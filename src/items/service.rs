@@ -10,22 +10,25 @@
 
 mod by_name;
 
+pub use crate::cache::refresh::Verdict as Refresh;
 pub use by_name::{CACHED_NAME_PAGE, NamePage};
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
 use crate::cache::invalidation::Pending;
+use crate::cache::refresh::{Policy, Verdict};
 use crate::cache::singleflight::Flights;
 use crate::cache::{Cache, CacheError, Cached, Entry, Fill, Invalidation, Stamp, Target};
 use crate::config::{CacheMode, Settings};
+use crate::db::replicas;
 use crate::failpoints;
 use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
-use crate::items::repo::{ItemRepo, RepoError, WriteOutcome};
+use crate::items::repo::{Commit, ItemRepo, RepoError, WriteOutcome};
 use crate::metrics::{self, CacheStatus, InvalidationSource};
 
 /// What the service could not do. `http/errors.rs` turns each into a status and a code.
@@ -69,6 +72,16 @@ pub struct Lookup<T> {
     pub value: T,
     pub status: CacheStatus,
     pub timing: Timing,
+    /// For a hit: how the entry stood (`Cache-Status`); default otherwise.
+    pub freshness: Freshness,
+}
+
+/// A hit's entry: how long it stays fresh (negative: past freshness, served while it is
+/// revalidated), and whether this hit started a background refresh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Freshness {
+    pub ttl_ms: Option<i64>,
+    pub refresh: Option<Verdict>,
 }
 
 impl<T> Lookup<T> {
@@ -77,6 +90,7 @@ impl<T> Lookup<T> {
             value,
             status,
             timing: Timing { cache, db },
+            freshness: Freshness::default(),
         }
     }
 }
@@ -162,6 +176,10 @@ struct Inner {
     name_flights: Flights<String, Tag, by_name::LoadedIds>,
     /// Numbers unstamped loads.
     unstamped: AtomicU64,
+    /// When hits refresh their entries in the background (`cache::refresh`).
+    refresh: Policy,
+    /// Ids being refreshed in the background: one refresh per id at a time.
+    refreshing: Mutex<HashSet<ItemId>>,
     /// Ids whose invalidation has not reached Redis yet: their cache entries are not
     /// trusted on this instance.
     pending: Pending,
@@ -187,9 +205,44 @@ impl ItemService {
                     matches!(tag, Tag::Stamped(_)) && answer.is_ok()
                 }),
                 unstamped: AtomicU64::new(0),
+                refresh: Policy {
+                    stale_while_revalidate: settings.cache_swr,
+                },
+                refreshing: Mutex::new(HashSet::new()),
                 pending: Pending::default(),
             }),
         }
+    }
+
+    /// Refreshes `id`'s entry off the request path, once at a time per id: notes its stamp,
+    /// then loads it through the flights (a miss of the same id joins it) and fills it if
+    /// no write came in between, like any miss.
+    fn refresh_in_background(&self, id: ItemId) {
+        let first = self
+            .inner
+            .refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        if !first {
+            return;
+        }
+        let service = self.clone();
+        tokio::spawn(async move {
+            // Not the answer of a load that finished a moment ago (a lingering flight): the
+            // point is a newer one.
+            service.inner.flights.forget(&id);
+            let (noted, _) = service.note_if(true, &[id]).await;
+            if noted.is_some() {
+                service.load(&[id], noted).await;
+            }
+            service
+                .inner
+                .refreshing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
     }
 
     /// Whether the cache may answer for `ids`: it is on, and no write of any of them is
@@ -207,20 +260,29 @@ impl ItemService {
         let started = Instant::now();
         let cached = self.inner.cache.get(id).await;
         let cache_time = started.elapsed();
-        match cached {
+        let entry = match cached {
             // Redis down or past its deadline (counted in cache/): answer from Postgres.
-            Err(_) => self.load_one(id, None, cache_time).await,
-            Ok(Some(entry)) if entry.is_fresh(now_ms()) => {
-                metrics::record_lookups(CacheStatus::Hit, 1);
-                Ok(Lookup::new(
-                    item_of(entry),
-                    CacheStatus::Hit,
-                    cache_time,
-                    None,
-                ))
-            }
-            Ok(stale) => self.load_one(id, Some(stale), cache_time).await,
+            Err(_) => return self.load_one(id, None, cache_time).await,
+            Ok(None) => return self.load_one(id, Some(None), cache_time).await,
+            Ok(Some(entry)) => entry,
+        };
+        let now = now_ms();
+        let verdict = self.inner.refresh.judge(&entry, now);
+        if verdict == Verdict::Expired {
+            return self.load_one(id, Some(Some(entry)), cache_time).await;
         }
+        // Fresh, or close to expiry or just past it: a hit; the last two refresh the entry
+        // in the background (cache::refresh).
+        if verdict != Verdict::Fresh {
+            self.refresh_in_background(id);
+        }
+        metrics::record_lookups(CacheStatus::Hit, 1);
+        let mut lookup = Lookup::new(item_of(entry.clone()), CacheStatus::Hit, cache_time, None);
+        lookup.freshness = Freshness {
+            ttl_ms: Some(entry.fresh_until_ms - now),
+            refresh: (verdict != Verdict::Fresh).then_some(verdict),
+        };
+        Ok(lookup)
     }
 
     /// Loads one id through the flights. `looked`: what the cache had for it (`None`: the
@@ -277,11 +339,18 @@ impl ItemService {
         let cache_read = cached.is_some();
         let mut entries = cached.map(Vec::into_iter);
         for &id in ids {
-            match entries.as_mut().and_then(Iterator::next).flatten() {
-                Some(entry) if entry.is_fresh(now) => {
+            let entry = entries.as_mut().and_then(Iterator::next).flatten();
+            let verdict = entry
+                .as_ref()
+                .map(|entry| self.inner.refresh.judge(entry, now));
+            match (entry, verdict) {
+                (Some(entry), Some(verdict)) if verdict != Verdict::Expired => {
+                    if verdict != Verdict::Fresh {
+                        self.refresh_in_background(id);
+                    }
                     answers.insert(id, item_of(entry));
                 }
-                other => {
+                (other, _) => {
                     to_load.push(id);
                     if let Some(entry) = other {
                         stale.insert(id, entry);
@@ -340,14 +409,25 @@ impl ItemService {
         noted: Option<&HashMap<ItemId, Stamp>>,
     ) -> HashMap<ItemId, Loaded> {
         let inner = &self.inner;
+        // With the stamps noted, a replica that has replayed the newest of them may answer.
+        let at_least = noted.map(|n| {
+            ids.iter()
+                .filter_map(|id| n.get(id))
+                .map(Stamp::lsn)
+                .max()
+                .unwrap_or(0)
+        });
+        let started = Instant::now();
         let rows = match ids.as_slice() {
             [id] => inner
                 .repo
-                .get_item(*id)
+                .get_item(*id, at_least)
                 .await
                 .map(|row| row.into_iter().collect()),
-            _ => inner.repo.get_items(&ids).await,
+            _ => inner.repo.get_items(&ids, at_least).await,
         };
+        // How long the load took: early refresh (cache::refresh) starts that much sooner.
+        let load_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
         let rows: Vec<Item> = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -362,7 +442,7 @@ impl ItemService {
             .collect();
         if let Some(noted) = noted {
             failpoints::pause(failpoints::BEFORE_FILL, || inner.cache.keys().entry(ids[0])).await;
-            self.fill(&ids, noted, &found).await;
+            self.fill(&ids, noted, &found, load_ms).await;
         }
         ids.into_iter()
             .map(|id| (id, Ok(found.remove(&id))))
@@ -374,6 +454,7 @@ impl ItemService {
         ids: &[ItemId],
         noted: &HashMap<ItemId, Stamp>,
         found: &HashMap<ItemId, ItemJson>,
+        load_ms: u32,
     ) {
         let ttls = &self.inner.ttls;
         let now = now_ms();
@@ -394,6 +475,7 @@ impl ItemService {
                     entry: Entry {
                         value,
                         fresh_until_ms: now + fresh.as_millis() as i64,
+                        load_ms,
                     },
                     ttl: keep,
                 }
@@ -425,13 +507,13 @@ impl ItemService {
 
     #[tracing::instrument(skip_all)]
     pub async fn create(&self, new: &NewItem) -> Result<Item, ServiceError> {
-        let (item, txid) = self.inner.repo.insert_item(new).await?;
+        let (item, commit) = self.inner.repo.insert_item(new).await?;
         let committed = Instant::now();
         // A "not found" for this id may be cached (someone read it before it existed), and
         // the name's lookup gains it.
         if let Some(id) = ItemId::new(item.id) {
             let targets = vec![Target::Item(id), Target::Name(item.name.clone())];
-            self.invalidate(targets, Invalidation::Write(txid.0), committed)
+            self.invalidate(targets, written_by(commit), committed)
                 .await;
         }
         Ok(item)
@@ -453,7 +535,7 @@ impl ItemService {
             targets.push(Target::Name(old));
             targets.push(Target::Name(updated.item.name.clone()));
         }
-        self.invalidate(targets, Invalidation::Write(updated.txid.0), committed)
+        self.invalidate(targets, written_by(updated.commit), committed)
             .await;
         Ok(updated.item)
     }
@@ -464,7 +546,7 @@ impl ItemService {
         let committed = Instant::now();
         let deleted = written(outcome)?;
         let targets = vec![Target::Item(id), Target::Name(deleted.name)];
-        self.invalidate(targets, Invalidation::Write(deleted.txid.0), committed)
+        self.invalidate(targets, written_by(deleted.commit), committed)
             .await;
         Ok(())
     }
@@ -495,7 +577,7 @@ impl ItemService {
             .await
         {
             Ok(()) => {
-                if let Invalidation::Write(_) = cause {
+                if let Invalidation::Write { .. } = cause {
                     metrics::record_invalidation_lag(InvalidationSource::Api, committed.elapsed());
                 }
             }
@@ -586,6 +668,20 @@ impl ItemService {
         }
     }
 
+    /// Tracks the replicas' replay positions until the stop (`db::replicas`).
+    pub fn track_replicas(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let repo = &self.inner.repo;
+        repo.replicas().clone().track(repo.pool().clone(), stop)
+    }
+
+    /// How the replicas stand, for `/readyz`.
+    pub fn replica_health(&self) -> replicas::Health {
+        self.inner.repo.replicas().health()
+    }
+
     /// Closes the Postgres pool, at shutdown.
     pub fn close(&self) {
         self.inner.repo.pool().close();
@@ -605,6 +701,14 @@ pub struct Usage {
 pub struct PoolUsage {
     pub postgres: Usage,
     pub redis: Usage,
+}
+
+/// The invalidation of a write that committed as `commit`.
+fn written_by(commit: Commit) -> Invalidation {
+    Invalidation::Write {
+        txid: commit.txid,
+        lsn: commit.lsn,
+    }
 }
 
 fn written<T>(outcome: WriteOutcome<T>) -> Result<T, ServiceError> {

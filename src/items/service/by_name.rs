@@ -185,7 +185,7 @@ impl ItemService {
         let loaded = self
             .inner
             .repo
-            .ids_by_name(name, CACHED_NAME_PAGE + 1)
+            .ids_by_name(name, CACHED_NAME_PAGE + 1, Some(noted.lsn()))
             .await
             .map_err(ServiceError::from);
         if let Ok(ids) = &loaded {

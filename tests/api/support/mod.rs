@@ -24,10 +24,12 @@ const TEMPLATE: &str = "itemcache_template";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A Postgres and a Redis, with the migrated template database.
+/// A Postgres and a Redis, with the migrated template database, and a streaming standby
+/// of the Postgres for the tests that ask for one.
 pub struct Backends {
     pub pg: PgServer,
     pub redis: RedisServer,
+    pub standby: Option<PgServer>,
 }
 
 impl Backends {
@@ -45,11 +47,25 @@ impl Backends {
         Arc::new(Backends::start().await)
     }
 
+    /// Servers of a test's own with a streaming standby of the Postgres (made after the
+    /// template, so it has it; databases made later reach it by replication).
+    pub async fn with_standby() -> Arc<Backends> {
+        let mut backends = Backends::start().await;
+        // Blocks this test's thread for the base backup (a second or two): nothing else of
+        // the test runs yet.
+        backends.standby = Some(PgServer::standby_of(&backends.pg));
+        Arc::new(backends)
+    }
+
     async fn start() -> Backends {
         let (pg, redis) = tokio::task::spawn_blocking(|| (PgServer::start(), RedisServer::start()))
             .await
             .expect("servers start");
-        let backends = Backends { pg, redis };
+        let backends = Backends {
+            pg,
+            redis,
+            standby: None,
+        };
         backends
             .run_sql("postgres", &format!("CREATE DATABASE {TEMPLATE}"))
             .await;

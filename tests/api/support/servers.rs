@@ -157,6 +157,56 @@ impl PgServer {
         server
     }
 
+    /// A streaming standby of `primary` (`pg_basebackup -R`), on a port of its own; hot
+    /// standby, so it answers reads. Its data is `primary`'s at the backup and follows it.
+    /// `-c fast`: the backup's checkpoint at once, not spread over minutes.
+    pub fn standby_of(primary: &PgServer) -> PgServer {
+        let bin = primary.bin.clone();
+        let dir = scratch_dir("pg-standby");
+        if is_root() {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir));
+        }
+        let data = dir.join("data");
+        run(as_pg_user(&bin.join("pg_basebackup"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+            ])
+            .arg(primary.port.to_string()));
+        let port = free_port();
+        let server = PgServer {
+            port,
+            _guardian: Mutex::new(guardian(&format!(
+                "{} {} -D {} stop -m immediate; rm -rf {}",
+                if is_root() {
+                    "runuser -u postgres --"
+                } else {
+                    ""
+                },
+                bin.join("pg_ctl").display(),
+                data.display(),
+                dir.display()
+            ))),
+            data,
+            dir,
+            bin,
+        };
+        server.start_again();
+        server
+    }
+
     /// Starts the (stopped) server on its port.
     pub fn start_again(&self) {
         // fsync off: test data need not survive a machine crash. synchronous_commit stays on:

@@ -13,6 +13,8 @@
 //! failed with 503. So every connection is made on the main runtime, which outlives every
 //! worker, and its driver runs there.
 
+pub mod replicas;
+
 use std::time::Duration;
 
 use diesel_async::AsyncPgConnection;
