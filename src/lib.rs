@@ -11,6 +11,7 @@
 //! - [`hot_keys`]: the most read ids (a space-saving sketch), for `/metrics` and
 //!   `GET /admin/hot-keys`.
 //! - [`db`]: the Postgres pool and embedded migrations; [`seed`]: bulk demo data.
+//! - [`verify`]: the sampled staleness checker ("nines of consistency").
 //! - [`metrics`]: every metric name and label; [`telemetry`]: logs; [`report`]: an error
 //!   and its causes on one line.
 
@@ -28,3 +29,4 @@ pub mod report;
 pub mod schema;
 pub mod seed;
 pub mod telemetry;
+pub mod verify;

@@ -58,6 +58,10 @@ pub const HOT_KEY_SHARE: &str = "itemcache_hot_key_share";
 /// How far each replica is behind the primary (`DATABASE_REPLICA_URL`). Label: `replica`
 /// (its place in the list, from 0).
 pub const REPLICA_LAG_SECONDS: &str = "itemcache_replica_lag_seconds";
+/// Sampled hits re-checked against Postgres (`verify`). Label: `result` (consistent, stale).
+pub const CONSISTENCY_CHECKS_TOTAL: &str = "itemcache_consistency_checks_total";
+/// How long the newer version had been in Postgres when a stale entry was found.
+pub const STALENESS_AGE_SECONDS: &str = "itemcache_staleness_age_seconds";
 /// Cache-miss reads of Postgres by where they went. Label: `target` (primary, replica).
 pub const DB_READS_TOTAL: &str = "itemcache_db_reads_total";
 /// Reads that could have gone to a replica but went to the primary. Label: `reason`
@@ -170,6 +174,22 @@ impl FollowerState {
             FollowerState::Applying => "applying",
             FollowerState::Standby => "standby",
             FollowerState::Down => "down",
+        }
+    }
+}
+
+/// A consistency check's result: the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    Consistent,
+    Stale,
+}
+
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Consistent => "consistent",
+            Consistency::Stale => "stale",
         }
     }
 }
@@ -372,6 +392,9 @@ fn start_at_zero() {
     }
     counter!(COALESCED_REQUESTS_TOTAL).absolute(0);
     counter!(CHANGE_FEED_APPLIED_TOTAL).absolute(0);
+    for result in [Consistency::Consistent, Consistency::Stale] {
+        counter!(CONSISTENCY_CHECKS_TOTAL, "result" => result.as_str()).absolute(0);
+    }
     gauge!(CHANGE_FEED_BACKLOG).set(0.0);
     record_follower_state(FollowerState::Down);
 }
@@ -506,6 +529,15 @@ pub fn record_replica_lag(replica: usize, lag: Duration) {
     const NAMES: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
     let label = NAMES.get(replica).copied().unwrap_or("many");
     gauge!(REPLICA_LAG_SECONDS, "replica" => label).set(lag.as_secs_f64());
+}
+
+pub fn record_consistency(result: Consistency) {
+    counter!(CONSISTENCY_CHECKS_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+#[allow(clippy::disallowed_macros)] // the gated helpers
+pub fn record_staleness_age(age: Duration) {
+    observe(histogram!(STALENESS_AGE_SECONDS), age);
 }
 
 pub fn record_db_read(target: ReadTarget) {

@@ -504,6 +504,37 @@ impl ItemRepo {
         })
     }
 
+    /// The row's version and the time since it was written, both by the primary's clock
+    /// (the consistency checker, `verify`); `None` if the row is gone. Not a `query` label
+    /// of its own: it is the checker's, off the request path.
+    pub async fn version_and_age(
+        &self,
+        id: ItemId,
+    ) -> Result<Option<(i64, std::time::Duration)>, RepoError> {
+        #[derive(diesel::QueryableByName)]
+        struct Age {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            version: i64,
+            #[diesel(sql_type = diesel::sql_types::Double)]
+            age: f64,
+        }
+        let (mut conn, _in_flight) = self.checkout().await?;
+        let row: Option<Age> = diesel::sql_query(
+            "SELECT version, extract(epoch FROM clock_timestamp() - updated_at)::float8 AS age \
+             FROM items WHERE id = $1",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(id.get())
+        .get_result(&mut conn)
+        .await
+        .optional()?;
+        Ok(row.map(|r| {
+            (
+                r.version,
+                std::time::Duration::from_secs_f64(r.age.max(0.0)),
+            )
+        }))
+    }
+
     /// `SELECT 1`, for `/readyz`.
     pub async fn ping(&self) -> Result<(), RepoError> {
         let (mut conn, _in_flight) = self.checkout().await?;

@@ -30,6 +30,7 @@ use crate::failpoints;
 use crate::items::model::{Item, ItemId, ItemJson, ItemPatch, NewItem};
 use crate::items::repo::{Commit, ItemRepo, RepoError, WriteOutcome};
 use crate::metrics::{self, CacheStatus, InvalidationSource};
+use crate::verify::Verifier;
 
 /// What the service could not do. `http/errors.rs` turns each into a status and a code.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -180,6 +181,8 @@ struct Inner {
     refresh: Policy,
     /// Ids being refreshed in the background: one refresh per id at a time.
     refreshing: Mutex<HashSet<ItemId>>,
+    /// Re-checks a sample of hits against Postgres (`verify`).
+    verifier: Verifier,
     /// Ids whose invalidation has not reached Redis yet: their cache entries are not
     /// trusted on this instance.
     pending: Pending,
@@ -209,6 +212,7 @@ impl ItemService {
                     stale_while_revalidate: settings.cache_swr,
                 },
                 refreshing: Mutex::new(HashSet::new()),
+                verifier: Verifier::new(settings.cache_verify_sample),
                 pending: Pending::default(),
             }),
         }
@@ -277,6 +281,11 @@ impl ItemService {
             self.refresh_in_background(id);
         }
         metrics::record_lookups(CacheStatus::Hit, 1);
+        let served = match &entry.value {
+            Cached::Item(item) => Some(item.version),
+            Cached::NotFound => None,
+        };
+        self.inner.verifier.after_hit(self, id, served);
         let mut lookup = Lookup::new(item_of(entry.clone()), CacheStatus::Hit, cache_time, None);
         lookup.freshness = Freshness {
             ttl_ms: Some(entry.fresh_until_ms - now),
@@ -638,6 +647,32 @@ impl ItemService {
     /// How many invalidations wait for Redis.
     pub fn pending_invalidations(&self) -> usize {
         self.inner.pending.len()
+    }
+
+    /// The row's version on the primary and how long ago it was written (`verify`);
+    /// `None` if the row is gone.
+    pub(crate) async fn version_in_postgres(
+        &self,
+        id: ItemId,
+    ) -> Result<Option<(i64, Duration)>, RepoError> {
+        self.inner.repo.version_and_age(id).await
+    }
+
+    /// What the cache holds for `id` (`verify`): `None` no entry, `Some(None)` a cached
+    /// "not found", `Some(Some(v))` version `v`.
+    pub(crate) async fn cached_version(
+        &self,
+        id: ItemId,
+    ) -> Result<Option<Option<i64>>, CacheError> {
+        Ok(self
+            .inner
+            .cache
+            .get(id)
+            .await?
+            .map(|entry| match entry.value {
+                Cached::Item(item) => Some(item.version),
+                Cached::NotFound => None,
+            }))
     }
 
     /// `SELECT 1` on a pooled connection, for `/readyz`.

@@ -26,6 +26,7 @@ mod support;
 mod exposition;
 mod prometheus_server;
 
+mod consistency;
 mod dashboard;
 mod exported_metrics;
 
