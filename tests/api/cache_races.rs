@@ -24,7 +24,7 @@ async fn version_of(response: reqwest::Response) -> i64 {
 }
 
 /// Starts a read of `id` that will stop at the fill; returns once it has read Postgres.
-async fn reader_paused_before_fill(
+pub(crate) async fn reader_paused_before_fill(
     app: &Arc<TestApp>,
     id: i64,
 ) -> (Armed, tokio::task::JoinHandle<reqwest::Response>) {

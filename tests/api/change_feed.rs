@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
-use itemcache::failpoints;
 use serde_json::Value;
 
+use crate::cache_races::reader_paused_before_fill;
 use crate::support::servers::{free_port, wait_for_port};
 use crate::support::{Backends, Spawn, TestApp, eventually, header, spawn_app};
 
@@ -151,14 +151,7 @@ async fn an_api_write_costs_one_miss_not_two() {
 async fn a_fill_from_before_a_truncate_is_refused() {
     let app = Arc::new(spawn_app().await);
     let id = app.insert_items(1).await[0];
-    let armed = failpoints::arm(failpoints::BEFORE_FILL, &format!("{}item:{id}", app.prefix));
-    let reader = {
-        let app = app.clone();
-        tokio::spawn(async move { app.get_item(id).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), armed.reached())
-        .await
-        .expect("the reader reached the fill");
+    let (armed, reader) = reader_paused_before_fill(&app, id).await;
     app.sql("TRUNCATE items").await;
     app.settle_feed().await;
     armed.release();
@@ -217,14 +210,7 @@ async fn a_restricted_client_s_writes_are_recorded_too() {
 async fn a_fill_from_before_a_psql_write_is_refused() {
     let app = Arc::new(spawn_app().await);
     let id = app.insert_items(1).await[0];
-    let armed = failpoints::arm(failpoints::BEFORE_FILL, &format!("{}item:{id}", app.prefix));
-    let reader = {
-        let app = app.clone();
-        tokio::spawn(async move { app.get_item(id).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), armed.reached())
-        .await
-        .expect("the reader reached the fill");
+    let (armed, reader) = reader_paused_before_fill(&app, id).await;
     app.sql(&format!("UPDATE items SET price_cents = 9 WHERE id = {id}"))
         .await;
     eventually("the feed to apply the update", APPLIED_WITHIN, || async {

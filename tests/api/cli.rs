@@ -155,22 +155,31 @@ async fn serve_stops_gracefully_on_sigterm() {
         .unwrap();
     assert_eq!(health.status(), 200);
 
+    terminate(&child);
+    assert_eq!(stopped(&mut child).await.code(), Some(0));
+}
+
+/// Sends SIGTERM to `child`.
+fn terminate(child: &std::process::Child) {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
+}
+
+/// Waits (15 s at most) for `child` to exit.
+async fn stopped(child: &mut std::process::Child) -> std::process::ExitStatus {
     let started = Instant::now();
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            return status;
         }
         assert!(
             started.elapsed() < Duration::from_secs(15),
             "serve did not stop"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0));
+    }
 }
 
 /// Waits until a backend of `database` other than ours is waiting for a lock.
@@ -240,25 +249,14 @@ async fn a_read_in_flight_at_sigterm_finishes() {
     let first = fresh().get(&url).send().await.unwrap();
     assert_eq!(first.status(), 200);
 
-    let mut locker = app.backends.connect(&app.database).await;
-    diesel::sql_query("BEGIN")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    diesel::sql_query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = app.lock_items().await;
     let held = tokio::spawn({
         let url = url.clone();
         async move { fresh().get(&url).send().await.map(|r| r.status().as_u16()) }
     });
     a_read_waits_for_the_lock(&app).await;
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    terminate(&child);
     // Give the server time to stop its idle worker before the read can finish.
     tokio::time::sleep(Duration::from_millis(500)).await;
     diesel::sql_query("COMMIT")
@@ -271,16 +269,5 @@ async fn a_read_in_flight_at_sigterm_finishes() {
         Some(200),
         "the held read's answer"
     );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "serve did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(stopped(&mut child).await.code(), Some(0));
 }

@@ -469,15 +469,7 @@ fn resident_mib() -> f64 {
 async fn a_statement_timeout_or_a_terminated_backend_is_a_503() {
     let app = crate::support::spawn_app().await;
     let ids = app.insert_items(2).await;
-    let mut locker = app.backends.connect(&app.database).await;
-    diesel::sql_query("BEGIN")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    diesel::sql_query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = app.lock_items().await;
 
     // Held until itemcache's statement timeout (5 s) cancels it.
     let timed_out = app.get_item(ids[0]).await;

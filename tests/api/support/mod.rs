@@ -359,6 +359,19 @@ impl TestApp {
         rows.into_iter().map(|r| r.id).collect()
     }
 
+    /// A connection holding `items` locked (`ACCESS EXCLUSIVE`, in an open transaction):
+    /// every read waits until it runs `COMMIT`.
+    pub async fn lock_items(&self) -> AsyncPgConnection {
+        let mut conn = self.backends.connect(&self.database).await;
+        for sql in ["BEGIN", "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"] {
+            diesel::sql_query(sql)
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        conn
+    }
+
     /// Runs SQL against this test's database (behind the service's back).
     pub async fn sql(&self, sql: &str) {
         self.backends.run_sql(&self.database, sql).await;

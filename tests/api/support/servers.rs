@@ -135,26 +135,7 @@ impl PgServer {
             "--no-sync",
             "--no-instructions",
         ]));
-        let port = free_port();
-        let server = PgServer {
-            port,
-            _guardian: Mutex::new(guardian(&format!(
-                "{} {} -D {} stop -m immediate; rm -rf {}",
-                if is_root() {
-                    "runuser -u postgres --"
-                } else {
-                    ""
-                },
-                bin.join("pg_ctl").display(),
-                data.display(),
-                dir.display()
-            ))),
-            data,
-            dir,
-            bin,
-        };
-        server.start_again();
-        server
+        PgServer::run_on_free_port(bin, dir, data)
     }
 
     /// A streaming standby of `primary` (`pg_basebackup -R`), on a port of its own; hot
@@ -185,9 +166,14 @@ impl PgServer {
                 "-p",
             ])
             .arg(primary.port.to_string()));
-        let port = free_port();
+        PgServer::run_on_free_port(bin, dir, data)
+    }
+
+    /// Starts the cluster in `data` on a free port, with a guardian that stops it and
+    /// removes `dir` when the test process ends.
+    fn run_on_free_port(bin: PathBuf, dir: PathBuf, data: PathBuf) -> PgServer {
         let server = PgServer {
-            port,
+            port: free_port(),
             _guardian: Mutex::new(guardian(&format!(
                 "{} {} -D {} stop -m immediate; rm -rf {}",
                 if is_root() {
