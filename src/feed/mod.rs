@@ -234,6 +234,8 @@ impl Follower {
             if (batch.len() as i64) < BATCH {
                 return Ok(Drained::Empty);
             }
+            // A long drain (a bulk update): the backlog as it shrinks, not as it was before.
+            metrics::record_feed_backlog(bounded(changes::backlog(conn)).await?);
         }
     }
 }
