@@ -97,7 +97,10 @@ mod tests {
         // A small draw (ln → −∞) refreshes early further away: the paper's tail...
         assert_eq!(POLICY.judge_with(&e, 99_950, 1e-3), Verdict::RefreshEarly);
         // ...but a draw is a float: ln(U) ≥ −745, so a thousand loads' time away, never.
-        assert_eq!(POLICY.judge_with(&e, 90_000, f64::MIN_POSITIVE), Verdict::Fresh);
+        assert_eq!(
+            POLICY.judge_with(&e, 90_000, f64::MIN_POSITIVE),
+            Verdict::Fresh
+        );
         // No load time kept: never early.
         assert_eq!(
             POLICY.judge_with(&entry(100_000, 0), 99_999, 1e-300),
