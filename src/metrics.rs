@@ -45,9 +45,10 @@ pub const CHANGE_FEED_APPLIED_TOTAL: &str = "itemcache_change_feed_applied_total
 /// (applying, standby, down).
 pub const CHANGE_FEED_FOLLOWER: &str = "itemcache_change_feed_follower";
 /// The ids this instance read most over the last one to two minutes (`hot_keys`), each
-/// with its share of the reads: at most 10 series, rendered from the sketch at each scrape.
-/// Label: `id`. Only ids surely above the sketch's noise line (1/1024 of the reads) are
-/// exported, so uniform traffic exports none.
+/// with its share of the reads (estimated from a sample of one read in 8): at most 10
+/// series, rendered from the sketch at each scrape. Label: `id`. Only ids surely above the
+/// sketch's noise line (1/1024 of the sampled reads) are exported, so uniform traffic
+/// exports none.
 ///
 /// `id` and not `rank`: an id keeps its series while it moves between ranks, and a new
 /// series starts only when an id enters the top 10 (each is a new series in Prometheus,

@@ -12,11 +12,12 @@ use crate::http::openapi;
 /// The most read ids
 ///
 /// The ids this instance read most over the last one to two minutes (`GET /items/{id}` and
-/// batch reads; ids not found count too), most read first, at most 10. Counted by a
-/// space-saving sketch of 1024 counters: any id that took more than 1/1024 of the reads is
-/// listed; `count` never undercounts and overcounts by at most `error`; `share` is `count`
-/// over all the reads counted. Each instance counts its own reads. Needs the bearer token
-/// when the service has one.
+/// batch reads; ids not found count too), most read first, at most 10. Counted in a random
+/// sample of one read in 8 by a space-saving sketch of 1024 counters: any id with more than
+/// 1/1024 of the sampled reads is listed, its sampled count never under and at most
+/// `error` over; `count` and `error` are the sample's times 8, and `share` is the id's
+/// share of the sample, which estimates its share of all reads. Each instance counts its
+/// own reads. Needs the bearer token when the service has one.
 #[utoipa::path(
     get,
     path = "/admin/hot-keys",

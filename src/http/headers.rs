@@ -4,7 +4,7 @@
 use actix_web::HttpRequest;
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 
-use crate::items::service::Timing;
+use crate::items::service::{Freshness, Refresh, Timing};
 use crate::metrics::CacheStatus;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -27,7 +27,11 @@ pub fn x_cache(status: CacheStatus) -> HeaderValue {
 
 /// `Cache-Status` (RFC 9211): one list member, `itemcache`, saying how this cache handled
 /// the read. Our four outcomes in the RFC's terms:
-/// - `HIT`: `hit`, answered from the cache without going forward.
+/// - `HIT`: `hit`, answered from the cache without going forward (a background refresh is
+///   not this request's forward). With `ttl`, the entry's remaining freshness in whole
+///   seconds, rounded down: negative for an entry served past freshness while it is
+///   revalidated, which the RFC calls a stale hit; and `detail=early-refresh` or
+///   `detail=stale-while-revalidate` when the hit started a background refresh.
 /// - `MISS`: `fwd=miss; stored`, went forward to Postgres, and the answer was cached. `miss`
 ///   rather than `uri-miss` or `stale`: the lookup does not say whether an expired entry
 ///   was there.
@@ -38,26 +42,32 @@ pub fn x_cache(status: CacheStatus) -> HeaderValue {
 /// - `BYPASS`: `fwd=bypass`, the cache was not used for this read (disabled, unavailable,
 ///   an invalidation still pending, or a page not cached).
 ///
-/// `ttl_secs`: the remaining freshness of the entry served or stored (negative when
-/// stale), when known.
+/// The service reports `freshness` for single-item hits; other reads carry neither `ttl`
+/// nor `detail`.
 #[expect(
     clippy::expect_used,
     reason = "the value is ASCII letters, digits and punctuation, always a valid header value"
 )]
-pub fn cache_status(status: CacheStatus, ttl_secs: Option<i64>) -> HeaderValue {
+pub fn cache_status(status: CacheStatus, freshness: Freshness) -> HeaderValue {
     let base = match status {
         CacheStatus::Hit => "itemcache; hit",
         CacheStatus::Miss => "itemcache; fwd=miss; stored",
         CacheStatus::Stale => "itemcache; fwd=stale; fwd-status=503",
         CacheStatus::Bypass => "itemcache; fwd=bypass",
     };
-    match ttl_secs {
-        Some(ttl) if status != CacheStatus::Bypass => {
-            HeaderValue::from_str(&format!("{base}; ttl={ttl}"))
-                .expect("Cache-Status is a header value")
-        }
-        _ => HeaderValue::from_static(base),
+    if status != CacheStatus::Hit || freshness == Freshness::default() {
+        return HeaderValue::from_static(base);
     }
+    let mut value = base.to_owned();
+    if let Some(ms) = freshness.ttl_ms {
+        value.push_str(&format!("; ttl={}", ms.div_euclid(1000)));
+    }
+    match freshness.refresh {
+        Some(Refresh::RefreshEarly) => value.push_str("; detail=early-refresh"),
+        Some(Refresh::Revalidate) => value.push_str("; detail=stale-while-revalidate"),
+        Some(Refresh::Fresh | Refresh::Expired) | None => {}
+    }
+    HeaderValue::from_str(&value).expect("Cache-Status is a header value")
 }
 
 /// `cache;dur=0.120, db;dur=1.800` in milliseconds (W3C Server Timing).
@@ -138,27 +148,38 @@ mod tests {
 
     #[test]
     fn cache_status_names_each_outcome_in_rfc_9211_terms() {
-        let value = |status, ttl| cache_status(status, ttl).to_str().map(str::to_owned);
+        let value = |status, ttl_ms, refresh| {
+            let freshness = Freshness { ttl_ms, refresh };
+            cache_status(status, freshness)
+                .to_str()
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        assert_eq!(value(CacheStatus::Hit, None, None), "itemcache; hit");
         assert_eq!(
-            value(CacheStatus::Hit, None).ok().as_deref(),
-            Some("itemcache; hit")
+            value(CacheStatus::Hit, Some(123_900), Some(Refresh::Fresh)),
+            "itemcache; hit; ttl=123"
         );
         assert_eq!(
-            value(CacheStatus::Hit, Some(123)).ok().as_deref(),
-            Some("itemcache; hit; ttl=123")
+            value(CacheStatus::Hit, Some(900), Some(Refresh::RefreshEarly)),
+            "itemcache; hit; ttl=0; detail=early-refresh"
+        );
+        // Past freshness by half a second: stale, so below zero.
+        assert_eq!(
+            value(CacheStatus::Hit, Some(-500), Some(Refresh::Revalidate)),
+            "itemcache; hit; ttl=-1; detail=stale-while-revalidate"
         );
         assert_eq!(
-            value(CacheStatus::Miss, Some(300)).ok().as_deref(),
-            Some("itemcache; fwd=miss; stored; ttl=300")
+            value(CacheStatus::Miss, None, None),
+            "itemcache; fwd=miss; stored"
         );
         assert_eq!(
-            value(CacheStatus::Stale, Some(-42)).ok().as_deref(),
-            Some("itemcache; fwd=stale; fwd-status=503; ttl=-42")
+            value(CacheStatus::Stale, None, None),
+            "itemcache; fwd=stale; fwd-status=503"
         );
-        // Nothing was cached: no freshness to report.
         assert_eq!(
-            value(CacheStatus::Bypass, Some(5)).ok().as_deref(),
-            Some("itemcache; fwd=bypass")
+            value(CacheStatus::Bypass, Some(5_000), None),
+            "itemcache; fwd=bypass"
         );
     }
 

@@ -245,10 +245,8 @@ fn copy_read_headers<T>(lookup: &Lookup<T>, response: &mut HttpResponse) {
     headers.insert(SERVER_TIMING, headers::server_timing(&lookup.timing));
 }
 
-/// The read's `Cache-Status`. Without `ttl`: a `Lookup` does not carry the freshness of the
-/// entry it served or stored.
 fn cache_status<T>(lookup: &Lookup<T>) -> HeaderValue {
-    headers::cache_status(lookup.status, None)
+    headers::cache_status(lookup.status, lookup.freshness)
 }
 
 fn item_response(response: &mut actix_web::HttpResponseBuilder, item: &Item) -> HttpResponse {

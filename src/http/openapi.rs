@@ -207,10 +207,12 @@ fn shared_headers() -> BTreeMap<String, RefOr<Header>> {
              `hit` (answered from the cache); `fwd=miss; stored` (read from Postgres, now \
              cached); `fwd=stale; fwd-status=503` (the entry was past freshness and Postgres \
              could not be read: the stale entry was served); `fwd=bypass` (the cache was not \
-             used). `ttl`, when present, is the entry's remaining freshness in seconds \
-             (negative when stale).",
+             used). A hit on one item adds `ttl`, the entry's remaining freshness in \
+             seconds (negative: served past freshness while it is revalidated), and \
+             `detail=early-refresh` or `detail=stale-while-revalidate` when it started a \
+             background refresh.",
             string(Some(
-                r"^itemcache; (hit|fwd=miss; stored|fwd=stale; fwd-status=503|fwd=bypass)(; ttl=-?[0-9]+)?$",
+                r"^itemcache; (hit(; ttl=-?[0-9]+)?(; detail=(early-refresh|stale-while-revalidate))?|fwd=miss; stored|fwd=stale; fwd-status=503|fwd=bypass)$",
             ))
             .build(),
             json!("itemcache; hit"),

@@ -10,26 +10,26 @@ const MISS: &str = "itemcache; fwd=miss; stored";
 const STALE: &str = "itemcache; fwd=stale; fwd-status=503";
 const BYPASS: &str = "itemcache; fwd=bypass";
 
-/// `X-Cache` and `Cache-Status` of a response. A `ttl` parameter (the entry's remaining
-/// freshness) is checked to be an integer of the right sign and left out, so that these
-/// tests say the same with or without it.
-fn statuses(response: &reqwest::Response) -> (String, String) {
+/// `Cache-Status` taken apart: the member and its outcome, then its `ttl` and `detail`.
+fn cache_status(response: &reqwest::Response) -> (String, Option<i64>, Option<String>) {
     let value = header(response, "cache-status");
-    let status = match value.rsplit_once("; ttl=") {
-        Some((rest, ttl)) => {
-            let ttl: i64 = ttl
-                .parse()
-                .unwrap_or_else(|_| panic!("ttl is not an integer: {value}"));
-            if rest.contains("fwd=stale") {
-                assert!(ttl <= 0, "a stale entry has no freshness left: {value}");
-            } else {
-                assert!(ttl >= 0, "{value}");
-            }
-            rest.to_owned()
+    let (mut kept, mut ttl, mut detail) = (Vec::new(), None, None);
+    for part in value.split("; ") {
+        if let Some(seconds) = part.strip_prefix("ttl=") {
+            let seconds = seconds.parse::<i64>();
+            ttl = Some(seconds.unwrap_or_else(|_| panic!("ttl is not an integer: {value}")));
+        } else if let Some(what) = part.strip_prefix("detail=") {
+            detail = Some(what.to_owned());
+        } else {
+            kept.push(part);
         }
-        None => value,
-    };
-    (header(response, "x-cache"), status)
+    }
+    (kept.join("; "), ttl, detail)
+}
+
+/// `X-Cache` and `Cache-Status` of a response, the latter without `ttl` and `detail`.
+fn statuses(response: &reqwest::Response) -> (String, String) {
+    (header(response, "x-cache"), cache_status(response).0)
 }
 
 async fn read(app: &TestApp, path: &str) -> (String, String) {
@@ -87,6 +87,54 @@ async fn a_miss_that_was_cached_and_the_hits_after_it_say_so() {
 }
 
 #[tokio::test]
+async fn a_hit_says_how_fresh_its_entry_is_and_when_it_is_revalidated() {
+    let app = Spawn::default()
+        .var("CACHE_TTL_SECS", 300)
+        .var("CACHE_TTL_JITTER", 0)
+        .start()
+        .await;
+    let id = app.insert_items(1).await[0];
+    assert_eq!(
+        read(&app, &format!("/items/{id}")).await,
+        pair("MISS", MISS)
+    );
+    let hit = app.get_item(id).await;
+    let (status, ttl, detail) = cache_status(&hit);
+    assert_eq!(status, HIT);
+    assert!(ttl.is_some_and(|s| (290..300).contains(&s)), "ttl {ttl:?}");
+    assert_eq!(detail, None, "far from expiry: no early refresh");
+
+    // Past freshness, within CACHE_SWR_SECS: still a hit, a stale one, being revalidated.
+    let app = Spawn::default()
+        .var("CACHE_TTL_SECS", 1)
+        .var("CACHE_TTL_JITTER", 0)
+        .var("CACHE_SWR_SECS", 30)
+        .start()
+        .await;
+    let id = app.insert_items(1).await[0];
+    assert_eq!(
+        read(&app, &format!("/items/{id}")).await,
+        pair("MISS", MISS)
+    );
+    let (x_cache, ttl) = eventually(
+        "a hit served while revalidating",
+        Duration::from_secs(5),
+        || async {
+            let response = app.get_item(id).await;
+            let (status, ttl, detail) = cache_status(&response);
+            (detail.as_deref() == Some("stale-while-revalidate"))
+                .then(|| ((header(&response, "x-cache"), status), ttl))
+        },
+    )
+    .await;
+    assert_eq!(x_cache, pair("HIT", HIT));
+    assert!(
+        ttl.is_some_and(|s| s < 0),
+        "a stale hit has negative freshness: {ttl:?}"
+    );
+}
+
+#[tokio::test]
 async fn with_the_cache_disabled_every_read_bypasses_it() {
     let app = Spawn::default().var("CACHE_ENABLED", "false").start().await;
     let ids = app.insert_items(2).await;
@@ -107,6 +155,8 @@ async fn with_postgres_down_a_stale_entry_says_its_forward_failed() {
         .backends(Backends::dedicated().await)
         .var("CACHE_TTL_SECS", 1)
         .var("CACHE_TTL_JITTER", 0)
+        // Else the entry is served as a hit, revalidating, for that long first.
+        .var("CACHE_SWR_SECS", 0)
         .start()
         .await;
     let id = app.insert_items(1).await[0];
