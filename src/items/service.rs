@@ -221,7 +221,10 @@ impl ItemService {
     /// Refreshes `id`'s entry off the request path, once at a time per id: notes its stamp,
     /// then loads it through the flights (a miss of the same id joins it) and fills it if
     /// no write came in between, like any miss.
-    fn refresh_in_background(&self, id: ItemId) {
+    /// `seen_until`: the freshness of the entry the hit saw; if the entry is fresher by the
+    /// time the refresh starts, another refresh already renewed it (a hit that read the old
+    /// entry just before that one finished), and nothing is loaded.
+    fn refresh_in_background(&self, id: ItemId, seen_until: i64) {
         let first = self
             .inner
             .refreshing
@@ -236,7 +239,15 @@ impl ItemService {
             // Not the answer of a load that finished a moment ago (a lingering flight): the
             // point is a newer one.
             service.inner.flights.forget(&id);
-            let (noted, _) = service.note_if(true, &[id]).await;
+            let renewed = matches!(
+                service.inner.cache.get(id).await,
+                Ok(Some(entry)) if entry.fresh_until_ms > seen_until
+            );
+            let (noted, _) = if renewed {
+                (None, CacheStatus::Hit)
+            } else {
+                service.note_if(true, &[id]).await
+            };
             if noted.is_some() {
                 service.load(&[id], noted).await;
             }
@@ -278,7 +289,7 @@ impl ItemService {
         // Fresh, or close to expiry or just past it: a hit; the last two refresh the entry
         // in the background (cache::refresh).
         if verdict != Verdict::Fresh {
-            self.refresh_in_background(id);
+            self.refresh_in_background(id, entry.fresh_until_ms);
         }
         metrics::record_lookups(CacheStatus::Hit, 1);
         let served = match &entry.value {
@@ -355,7 +366,7 @@ impl ItemService {
             match (entry, verdict) {
                 (Some(entry), Some(verdict)) if verdict != Verdict::Expired => {
                     if verdict != Verdict::Fresh {
-                        self.refresh_in_background(id);
+                        self.refresh_in_background(id, entry.fresh_until_ms);
                     }
                     answers.insert(id, item_of(entry));
                 }
