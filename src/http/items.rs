@@ -259,17 +259,8 @@ fn item_response(response: &mut actix_web::HttpResponseBuilder, item: &Item) -> 
 
 /// `{"items": [...], "missing": [...]}` from the cached bytes as they are.
 fn batch_body(batch: &Batch) -> Bytes {
-    let size =
-        batch.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 32 + batch.missing.len() * 20;
-    let mut out = BytesMut::with_capacity(size);
-    out.put_slice(b"{\"items\":[");
-    for (n, item) in batch.items.iter().enumerate() {
-        if n > 0 {
-            out.put_u8(b',');
-        }
-        out.put_slice(&item.json);
-    }
-    out.put_slice(b"],\"missing\":[");
+    let mut out = items_array(&batch.items, 32 + batch.missing.len() * 20);
+    out.put_slice(b",\"missing\":[");
     for (n, id) in batch.missing.iter().enumerate() {
         if n > 0 {
             out.put_u8(b',');
@@ -282,22 +273,30 @@ fn batch_body(batch: &Batch) -> Bytes {
 
 /// `{"items": [...], "next_after_id": n | null}` from the items' bytes as they are.
 fn name_page_body(page: &NamePage) -> Bytes {
-    let size = page.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 48;
-    let mut out = BytesMut::with_capacity(size);
-    out.put_slice(b"{\"items\":[");
-    for (n, item) in page.items.iter().enumerate() {
-        if n > 0 {
-            out.put_u8(b',');
-        }
-        out.put_slice(&item.json);
-    }
-    out.put_slice(b"],\"next_after_id\":");
+    let mut out = items_array(&page.items, 48);
+    out.put_slice(b",\"next_after_id\":");
     match page.next_after_id {
         Some(id) => out.put_slice(id.to_string().as_bytes()),
         None => out.put_slice(b"null"),
     }
     out.put_u8(b'}');
     out.freeze()
+}
+
+/// `{"items":[...]` from each item's bytes, the body left open for what follows; `extra`
+/// bytes of room for it.
+fn items_array(items: &[ItemJson], extra: usize) -> BytesMut {
+    let size = items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 16 + extra;
+    let mut out = BytesMut::with_capacity(size);
+    out.put_slice(b"{\"items\":[");
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(&item.json);
+    }
+    out.put_u8(b']');
+    out
 }
 
 /// The three readings of `GET /items`.

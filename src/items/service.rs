@@ -297,11 +297,12 @@ impl ItemService {
             Cached::NotFound => None,
         };
         self.inner.verifier.after_hit(self, id, served);
-        let mut lookup = Lookup::new(item_of(entry.clone()), CacheStatus::Hit, cache_time, None);
-        lookup.freshness = Freshness {
+        let freshness = Freshness {
             ttl_ms: Some(entry.fresh_until_ms - now),
             refresh: (verdict != Verdict::Fresh).then_some(verdict),
         };
+        let mut lookup = Lookup::new(item_of(entry), CacheStatus::Hit, cache_time, None);
+        lookup.freshness = freshness;
         Ok(lookup)
     }
 
