@@ -69,6 +69,12 @@ pub const DB_READS_TOTAL: &str = "itemcache_db_reads_total";
 /// (behind: no replica had replayed the reader's write; lagging; down).
 pub const REPLICA_FALLBACKS_TOTAL: &str = "itemcache_replica_fallbacks_total";
 
+/// Loads' fleet-wide leases (`cache::lease`), one per id. Label: `outcome` (acquired: this
+/// instance loads; filled: another instance's fill answered; released: the lease was
+/// dropped without a fill, so this instance loaded; gave_up: the wait passed its bound or
+/// Redis failed, so this instance loaded).
+pub const LEASES_TOTAL: &str = "itemcache_leases_total";
+
 /// From 50 µs (a Redis GET on loopback) to 5 s (a request stuck behind a pool timeout),
 /// roughly ×2 apart so a hit and a miss land in different buckets.
 pub const LATENCY_BUCKETS: [f64; 17] = [
@@ -235,6 +241,26 @@ impl ReadTarget {
     }
 }
 
+/// What became of a load's lease on an id: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    Acquired,
+    Filled,
+    Released,
+    GaveUp,
+}
+
+impl LeaseOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseOutcome::Acquired => "acquired",
+            LeaseOutcome::Filled => "filled",
+            LeaseOutcome::Released => "released",
+            LeaseOutcome::GaveUp => "gave_up",
+        }
+    }
+}
+
 /// The `query` label of Postgres metrics: one per function of `items::repo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbQuery {
@@ -393,6 +419,14 @@ fn start_at_zero() {
     }
     counter!(COALESCED_REQUESTS_TOTAL).absolute(0);
     counter!(CHANGE_FEED_APPLIED_TOTAL).absolute(0);
+    for outcome in [
+        LeaseOutcome::Acquired,
+        LeaseOutcome::Filled,
+        LeaseOutcome::Released,
+        LeaseOutcome::GaveUp,
+    ] {
+        counter!(LEASES_TOTAL, "outcome" => outcome.as_str()).absolute(0);
+    }
     for result in [Consistency::Consistent, Consistency::Stale] {
         counter!(CONSISTENCY_CHECKS_TOTAL, "result" => result.as_str()).absolute(0);
     }
@@ -461,6 +495,10 @@ fn describe() {
         REPLICA_FALLBACKS_TOTAL,
         "Reads that could have used a replica but went to the primary, by reason"
     );
+    describe_counter!(
+        LEASES_TOTAL,
+        "Fleet-wide load leases, one per id, by outcome"
+    );
     describe_gauge!(
         CHANGE_FEED_FOLLOWER,
         "The change feed follower's state: 1 for the current one"
@@ -508,6 +546,12 @@ pub fn record_db_query(query: DbQuery, took: Duration) {
 
 pub fn record_coalesced(waiters: usize) {
     counter!(COALESCED_REQUESTS_TOTAL).increment(waiters as u64);
+}
+
+pub fn record_leases(outcome: LeaseOutcome, ids: usize) {
+    if ids > 0 {
+        counter!(LEASES_TOTAL, "outcome" => outcome.as_str()).increment(ids as u64);
+    }
 }
 
 pub fn record_pool(pool: PoolName, idle: usize, in_use: usize, waiters: usize) {

@@ -5,6 +5,7 @@
 pub mod breaker;
 pub mod connections;
 pub mod invalidation;
+pub mod lease;
 pub mod redis;
 pub mod refresh;
 pub mod singleflight;
@@ -22,6 +23,7 @@ use crate::db::replicas::Lsn;
 use crate::items::model::ItemId;
 use crate::metrics::{self, CacheOp};
 pub use connections::Connections;
+pub use lease::{LeaseToken, Polled};
 pub use redis::{Cached, Entry, Keys, NameEntry};
 
 /// How long a write's stamp is kept. It must outlive any read in flight when the write
@@ -112,6 +114,8 @@ pub struct Fill {
     pub noted: Stamp,
     pub entry: Entry,
     pub ttl: Duration,
+    /// The lease the filler holds on the id, released by the fill (`lease`).
+    pub lease: Option<LeaseToken>,
 }
 
 #[derive(Clone)]
@@ -224,10 +228,12 @@ impl Cache {
             .key(self.keys.flush())
             .key(self.keys.name_entry(name))
             .key(self.keys.name_stamp(name))
+            .key(self.keys.name_lease(name))
             .arg(noted.write.as_ref())
             .arg(noted.flush.as_ref())
             .arg(entry.encode())
-            .arg(ttl.as_millis().max(1) as u64);
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg("");
         let filled: Vec<i64> = self.invoke(CacheOp::Set, &invocation).await?;
         Ok(filled.first() == Some(&1))
     }
@@ -244,10 +250,12 @@ impl Cache {
             invocation
                 .key(self.keys.entry(fill.id))
                 .key(self.keys.stamp(fill.id))
+                .key(self.keys.lease(fill.id))
                 .arg(fill.noted.write.as_ref())
                 .arg(fill.noted.flush.as_ref())
                 .arg(fill.entry.encode())
-                .arg(fill.ttl.as_millis().max(1) as u64);
+                .arg(fill.ttl.as_millis().max(1) as u64)
+                .arg(fill.lease.as_ref().map_or("", LeaseToken::as_str));
         }
         let filled: Vec<i64> = self.invoke(CacheOp::Set, &invocation).await?;
         Ok(filled.iter().filter(|&&f| f == 1).count())
@@ -278,11 +286,24 @@ impl Cache {
                     }
                     Invalidation::Eviction => (String::new(), format!("{random:016x}")),
                 };
-                let (entry, stamp_key) = match target {
-                    Target::Item(id) => (self.keys.entry(*id), self.keys.stamp(*id)),
-                    Target::Name(name) => (self.keys.name_entry(name), self.keys.name_stamp(name)),
+                let (entry, stamp_key, lease) = match target {
+                    Target::Item(id) => (
+                        self.keys.entry(*id),
+                        self.keys.stamp(*id),
+                        self.keys.lease(*id),
+                    ),
+                    Target::Name(name) => (
+                        self.keys.name_entry(name),
+                        self.keys.name_stamp(name),
+                        self.keys.name_lease(name),
+                    ),
                 };
-                invocation.key(entry).key(stamp_key).arg(tag).arg(stamp);
+                invocation
+                    .key(entry)
+                    .key(stamp_key)
+                    .key(lease)
+                    .arg(tag)
+                    .arg(stamp);
             }
             self.invoke::<i64>(op, &invocation).await?;
         }

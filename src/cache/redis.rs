@@ -42,18 +42,26 @@ use crate::items::model::{ItemId, ItemJson};
 /// every reader notes with its stamps: a reader that noted the token before the truncate
 /// cannot fill either.
 ///
-/// KEYS: the flush token, then entry, stamp pairs. ARGV: noted stamp ("" for none), noted
-/// flush token, value, ttl_ms for each pair. Returns 1 (filled) or 0 for each pair.
+/// The fill also releases the reader's lease on each id (`cache::lease`) if it still holds
+/// it, whether it filled or not: other instances waiting for this fill then see either the
+/// entry or no lease, and stop waiting.
+///
+/// KEYS: the flush token, then entry, stamp, lease triples. ARGV: for each triple the noted
+/// stamp ("" for none), noted flush token, value, ttl_ms, and lease token ("" for none).
+/// Returns 1 (filled) or 0 for each triple.
 pub const FILL_SCRIPT: &str = r"
 local flush = redis.call('GET', KEYS[1]) or ''
 local filled = {}
-for i = 2, #KEYS, 2 do
-  local a = (i - 2) / 2 * 4
+for i = 2, #KEYS, 3 do
+  local a = (i - 2) / 3 * 5
   if flush == ARGV[a + 2] and (redis.call('GET', KEYS[i + 1]) or '') == ARGV[a + 1] then
     redis.call('SET', KEYS[i], ARGV[a + 3], 'PX', ARGV[a + 4])
     filled[#filled + 1] = 1
   else
     filled[#filled + 1] = 0
+  end
+  if ARGV[a + 5] ~= '' and redis.call('GET', KEYS[i + 2]) == ARGV[a + 5] then
+    redis.call('DEL', KEYS[i + 2])
   end
 end
 return filled
@@ -72,24 +80,29 @@ return filled
 /// and keeps the `t<txid>:<lsn>:` of the stamp it replaces: it changes no data, so the last
 /// write's position still bounds which replica may answer.
 ///
-/// The `DEL` comes before the `SET`: at `maxmemory` under `noeviction` Redis refuses a
+/// An invalidation also drops the id's lease (`cache::lease`): the holder's load began
+/// before this write, so its fill will be refused, and readers waiting for it would wait
+/// for nothing.
+///
+/// The `DEL`s come before the `SET`: at `maxmemory` under `noeviction` Redis refuses a
 /// script whose first write would grow memory, but lets a script that has begun writing
 /// finish, so the stamps still change when memory is full.
 ///
-/// KEYS: entry, stamp pairs. ARGV: stamp ttl_ms, then for each pair its tag (`t<txid>`, or
-/// "" for an eviction) and its new stamp (for an eviction, the random part only). Returns
-/// how many ids were invalidated.
+/// KEYS: entry, stamp, lease triples. ARGV: stamp ttl_ms, then for each triple its tag
+/// (`t<txid>`, or "" for an eviction) and its new stamp (for an eviction, the random part
+/// only). Returns how many ids were invalidated.
 pub const INVALIDATE_SCRIPT: &str = r"
 local n = 0
-for i = 1, #KEYS, 2 do
-  local tag = ARGV[i + 1]
+for i = 1, #KEYS, 3 do
+  local a = (i - 1) / 3 * 2
+  local tag = ARGV[a + 2]
   local current = redis.call('GET', KEYS[i + 1]) or ''
-  local stamp = ARGV[i + 2]
+  local stamp = ARGV[a + 3]
   if tag == '' then
     stamp = (string.match(current, '^(t%d+:%x+:)') or 'e:') .. stamp
   end
   if tag == '' or string.sub(current, 1, #tag + 1) ~= tag .. ':' then
-    redis.call('DEL', KEYS[i])
+    redis.call('DEL', KEYS[i], KEYS[i + 2])
     redis.call('SET', KEYS[i + 1], stamp, 'PX', ARGV[1])
     n = n + 1
   end
@@ -127,6 +140,18 @@ impl Keys {
 
     pub fn stamp(&self, id: ItemId) -> String {
         format!("{}stamp:{id}", self.prefix)
+    }
+
+    /// The fleet-wide lease on loading `id` (`cache::lease`).
+    pub fn lease(&self, id: ItemId) -> String {
+        format!("{}lease:{id}", self.prefix)
+    }
+
+    /// A name's lease key. Name lookups take no lease (their loads are coalesced per
+    /// instance only); the key exists so that names and items share the fill and
+    /// invalidation scripts, and is never set.
+    pub fn name_lease(&self, name: &str) -> String {
+        format!("{}nlease:{name}", self.prefix)
     }
 
     /// A name's cached lookup: the ids of its first page.

@@ -9,6 +9,7 @@
 //! `BYPASS`. Postgres failing: an entry past freshness beats a 503, `STALE`.
 
 mod by_name;
+mod fleet;
 
 pub use crate::cache::refresh::Verdict as Refresh;
 pub use by_name::{CACHED_NAME_PAGE, NamePage};
@@ -23,7 +24,9 @@ use rand::Rng;
 use crate::cache::invalidation::Pending;
 use crate::cache::refresh::{Policy, Verdict};
 use crate::cache::singleflight::Flights;
-use crate::cache::{Cache, CacheError, Cached, Entry, Fill, Invalidation, Stamp, Target};
+use crate::cache::{
+    Cache, CacheError, Cached, Entry, Fill, Invalidation, LeaseToken, Stamp, Target,
+};
 use crate::config::{CacheMode, Settings};
 use crate::db::replicas;
 use crate::failpoints;
@@ -140,6 +143,15 @@ enum Tag {
     Unstamped(u64),
 }
 
+/// Whether a load that will fill takes the fleet's leases (`fleet`). A miss does; a
+/// background refresh does not: its entry is still fresh, and a lease is refused on a
+/// fresh entry (that is how a miss learns that another instance has just filled it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leases {
+    Take,
+    Skip,
+}
+
 /// Cache TTLs, from the settings.
 #[derive(Debug, Clone)]
 struct Ttls {
@@ -249,7 +261,8 @@ impl ItemService {
                 service.note_if(true, &[id]).await
             };
             if noted.is_some() {
-                service.load(&[id], noted).await;
+                // Per instance only: the fleet's leases would find the entry fresh (`fleet`).
+                service.load(&[id], noted, Leases::Skip).await;
             }
             service
                 .inner
@@ -316,7 +329,7 @@ impl ItemService {
     ) -> Result<Lookup<Option<ItemJson>>, ServiceError> {
         let started = Instant::now();
         let (noted, status) = self.note_if(looked.is_some(), &[id]).await;
-        let mut loaded = self.load(&[id], noted).await;
+        let mut loaded = self.load(&[id], noted, Leases::Take).await;
         let db = Some(started.elapsed());
         let stale = looked.flatten();
         let (value, status) = settle(answer(&mut loaded, id), stale, status)?;
@@ -386,7 +399,7 @@ impl ItemService {
         if !to_load.is_empty() {
             let started = Instant::now();
             let (noted, status) = self.note_if(cache_read, &to_load).await;
-            let mut loaded = self.load(&to_load, noted).await;
+            let mut loaded = self.load(&to_load, noted, Leases::Take).await;
             db = Some(started.elapsed());
             for id in to_load {
                 let (value, status) = settle(answer(&mut loaded, id), stale.remove(&id), status)?;
@@ -404,7 +417,7 @@ impl ItemService {
     /// A reader joins another's load only if both noted the same write stamp: then no
     /// write came between the leader's note and ours, so the leader's read is at least as
     /// new as any write acknowledged before we started.
-    async fn load(&self, ids: &[ItemId], noted: Noted) -> HashMap<ItemId, Loaded> {
+    async fn load(&self, ids: &[ItemId], noted: Noted, leases: Leases) -> HashMap<ItemId, Loaded> {
         let noted = noted.as_ref();
         let unstamped = self.inner.unstamped.fetch_add(1, Ordering::Relaxed);
         let tag = |id: &ItemId| match noted.and_then(|n| n.get(id)) {
@@ -414,7 +427,7 @@ impl ItemService {
         let landed = self
             .inner
             .flights
-            .run(ids, tag, |keys| self.load_and_fill(keys, noted))
+            .run(ids, tag, |keys| self.load_and_fill(keys, noted, leases))
             .await;
         if landed.coalesced > 0 {
             metrics::record_coalesced(landed.coalesced);
@@ -422,12 +435,28 @@ impl ItemService {
         landed.values
     }
 
-    /// The leader's work: read Postgres, then fill each id whose stamp is unchanged.
-    /// Every id gets an answer.
+    /// The leader's work: read Postgres, then fill each id whose stamp is unchanged. With
+    /// stamps noted, under the fleet's leases (`fleet`): another instance's load of an id
+    /// may answer instead. Every id gets an answer.
     async fn load_and_fill(
         &self,
         ids: Vec<ItemId>,
         noted: Option<&HashMap<ItemId, Stamp>>,
+        leases: Leases,
+    ) -> HashMap<ItemId, Loaded> {
+        match (noted, leases) {
+            (Some(noted), Leases::Take) => self.load_under_leases(ids, noted).await,
+            (noted, _) => self.read_and_fill(ids, noted, None).await,
+        }
+    }
+
+    /// Reads `ids` from Postgres, then (with stamps noted) fills each id whose stamp is
+    /// unchanged, releasing `lease` on them. Every id gets an answer.
+    async fn read_and_fill(
+        &self,
+        ids: Vec<ItemId>,
+        noted: Option<&HashMap<ItemId, Stamp>>,
+        lease: Option<&LeaseToken>,
     ) -> HashMap<ItemId, Loaded> {
         let inner = &self.inner;
         // With the stamps noted, a replica that has replayed the newest of them may answer.
@@ -454,6 +483,10 @@ impl ItemService {
             Err(e) => {
                 let error = ServiceError::from(e);
                 tracing::debug!(error = %error, "postgres read failed");
+                if let Some(lease) = lease {
+                    // Readers on other instances need not wait for a fill that will not come.
+                    let _ = inner.cache.release_leases(&ids, lease).await;
+                }
                 return ids.into_iter().map(|id| (id, Err(error.clone()))).collect();
             }
         };
@@ -463,7 +496,7 @@ impl ItemService {
             .collect();
         if let Some(noted) = noted {
             failpoints::pause(failpoints::BEFORE_FILL, || inner.cache.keys().entry(ids[0])).await;
-            self.fill(&ids, noted, &found, load_ms).await;
+            self.fill(&ids, noted, &found, load_ms, lease).await;
         }
         ids.into_iter()
             .map(|id| (id, Ok(found.remove(&id))))
@@ -476,6 +509,7 @@ impl ItemService {
         noted: &HashMap<ItemId, Stamp>,
         found: &HashMap<ItemId, ItemJson>,
         load_ms: u32,
+        lease: Option<&LeaseToken>,
     ) {
         let ttls = &self.inner.ttls;
         let now = now_ms();
@@ -499,6 +533,7 @@ impl ItemService {
                         load_ms,
                     },
                     ttl: keep,
+                    lease: lease.cloned(),
                 }
             })
             .collect();

@@ -14,6 +14,7 @@ mod cache_races;
 mod cache_status;
 mod change_feed;
 mod cli;
+mod fleet;
 mod freshness;
 mod hot_keys;
 mod items_api;

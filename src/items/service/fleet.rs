@@ -1,0 +1,101 @@
+//! Loads under the fleet's leases (`cache::lease`): of all instances sharing the Redis,
+//! one loads a cold id and fills it; the others wait for that fill and answer from it.
+//!
+//! Why an answer taken from the entry is as new as the reader needs: the entry was stored
+//! by a stamp-checked fill, and every write acknowledged before this reader started had
+//! deleted the entry and replaced the stamp before its acknowledgement; an entry present
+//! after that was filled from a read that began after the stamp was replaced, so it shows
+//! the write (`docs/cache-design.md`, "Fleet-wide coalescing").
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::{ItemService, Loaded, item_of, now_ms};
+use crate::cache::lease::LEASE_WAIT;
+use crate::cache::{LeaseToken, Stamp};
+use crate::items::model::ItemId;
+use crate::metrics::{self, LeaseOutcome};
+
+/// The first poll for another instance's fill comes this soon (a load of one row takes
+/// about a millisecond); each next one twice as late, up to [`POLL_MAX`].
+const POLL_FIRST: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_millis(25);
+
+impl ItemService {
+    /// Takes the leases on `ids` that are free, loads and fills those, and meanwhile waits
+    /// for the fills of the others; ids whose wait ends without a fill are loaded here too.
+    /// Redis failing: every id is loaded here, as without leases.
+    pub(super) async fn load_under_leases(
+        &self,
+        ids: Vec<ItemId>,
+        noted: &HashMap<ItemId, Stamp>,
+    ) -> HashMap<ItemId, Loaded> {
+        let token = LeaseToken::new();
+        let taken = match self.inner.cache.acquire_leases(&ids, &token).await {
+            Ok(taken) => taken,
+            Err(_) => return self.read_and_fill(ids, Some(noted), None).await,
+        };
+        let (mine, theirs): (Vec<ItemId>, Vec<ItemId>) = {
+            let mut mine = Vec::new();
+            let mut theirs = Vec::new();
+            for (id, taken) in ids.into_iter().zip(taken) {
+                if taken { &mut mine } else { &mut theirs }.push(id);
+            }
+            (mine, theirs)
+        };
+        metrics::record_leases(LeaseOutcome::Acquired, mine.len());
+        let load_mine = async {
+            if mine.is_empty() {
+                HashMap::new()
+            } else {
+                self.read_and_fill(mine, Some(noted), Some(&token)).await
+            }
+        };
+        let (mut answers, (waited, left)) = tokio::join!(load_mine, self.wait_for_fills(theirs));
+        answers.extend(waited);
+        if !left.is_empty() {
+            answers.extend(self.read_and_fill(left, Some(noted), None).await);
+        }
+        answers
+    }
+
+    /// Polls the entries and leases of `ids` (held by other loads) until each is filled,
+    /// its lease is gone, or [`LEASE_WAIT`] has passed. Returns the answers the fills gave,
+    /// and the ids left to load.
+    async fn wait_for_fills(&self, mut ids: Vec<ItemId>) -> (HashMap<ItemId, Loaded>, Vec<ItemId>) {
+        let mut answers = HashMap::new();
+        let mut left = Vec::new();
+        let deadline = Instant::now() + LEASE_WAIT;
+        let mut pause = POLL_FIRST;
+        while !ids.is_empty() {
+            if Instant::now() + pause > deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(POLL_MAX);
+            let Ok(polled) = self.inner.cache.poll_leased(&ids).await else {
+                break;
+            };
+            let now = now_ms();
+            let mut waiting = Vec::with_capacity(ids.len());
+            for (id, polled) in ids.into_iter().zip(polled) {
+                match polled.entry {
+                    Some(entry) if entry.is_fresh(now) => {
+                        answers.insert(id, Ok(item_of(entry)));
+                    }
+                    _ if polled.leased => waiting.push(id),
+                    _ => left.push(id),
+                }
+            }
+            ids = waiting;
+        }
+        metrics::record_leases(LeaseOutcome::Filled, answers.len());
+        metrics::record_leases(LeaseOutcome::Released, left.len());
+        metrics::record_leases(LeaseOutcome::GaveUp, ids.len());
+        if !answers.is_empty() {
+            metrics::record_coalesced(answers.len());
+        }
+        left.extend(ids);
+        (answers, left)
+    }
+}

@@ -1,0 +1,134 @@
+//! Several instances on one Redis and one Postgres: fleet-wide coalescing with Redis leases
+//! (behaviour 8), and how leases compose with the write stamps and with dead holders.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::cache_races::reader_paused_before_fill;
+use crate::support::{Spawn, TestApp, header};
+
+/// Three instances of one app (same database, Redis and key prefix).
+async fn three_instances(app: TestApp) -> Vec<Arc<TestApp>> {
+    let second = app.another_instance().await;
+    let third = app.another_instance().await;
+    vec![Arc::new(app), Arc::new(second), Arc::new(third)]
+}
+
+async fn version_of(response: reqwest::Response) -> i64 {
+    let body: Value = response.json().await.unwrap();
+    body["version"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_cold_id_read_on_three_instances_at_once_costs_one_query() {
+    // 1,000 requests at once on a debug build keep every worker busy for a while: a
+    // generous Redis deadline keeps this test about coalescing, not about deadlines.
+    let app = Spawn::default().var("REDIS_TIMEOUT_MS", 2000).start().await;
+    let id = app.insert_items(1).await[0];
+    let fleet = three_instances(app).await;
+
+    let reads = (0..1000).map(|n| {
+        let instance = fleet[n % fleet.len()].clone();
+        tokio::spawn(async move {
+            let response = instance.get_item(id).await;
+            let status = response.status().as_u16();
+            let cache = header(&response, "x-cache");
+            let body: Value = response.json().await.unwrap();
+            (status, cache, body["id"].as_i64())
+        })
+    });
+    let results = futures_util::future::join_all(reads).await;
+    for result in &results {
+        let (status, cache, body_id) = result.as_ref().unwrap();
+        assert_eq!(*status, 200);
+        assert!(cache == "MISS" || cache == "HIT", "{cache}");
+        assert_eq!(*body_id, Some(id));
+    }
+    assert_eq!(
+        fleet[0].item_queries().await,
+        1,
+        "1,000 concurrent reads over three instances, one Postgres query"
+    );
+    assert_eq!(
+        fleet[0]
+            .redis_get(&format!("lease:{id}"))
+            .await
+            .map(String::from_utf8),
+        None,
+        "the filler released its lease"
+    );
+}
+
+#[tokio::test]
+async fn a_write_during_a_lease_lets_the_next_reader_load_at_once_and_nobody_fills_the_old_row() {
+    let app = Spawn::default().start().await;
+    let id = app.create_item("leased", 100).await["id"].as_i64().unwrap();
+    let fleet = three_instances(app).await;
+
+    // Instance 0 holds the lease, its load of v1 paused before the fill.
+    let (armed, reader) = reader_paused_before_fill(&fleet[0], id).await;
+    assert!(
+        fleet[0].redis_get(&format!("lease:{id}")).await.is_some(),
+        "the paused load holds the lease"
+    );
+    // Instance 1 writes v2: the invalidation drops the lease with the entry.
+    let patched = fleet[1].patch_item(id, &json!({"price_cents": 200})).await;
+    assert_eq!(patched.status(), 200);
+    assert_eq!(fleet[1].redis_get(&format!("lease:{id}")).await, None);
+
+    // Instance 2 reads after the write: it does not wait for the doomed load (the paused
+    // reader is still paused) and answers v2.
+    let read = fleet[2].get_item(id).await;
+    assert_eq!(read.status(), 200);
+    assert_eq!(version_of(read).await, 2);
+
+    armed.release();
+    assert_eq!(reader.await.unwrap().status(), 200);
+    for instance in &fleet {
+        assert_eq!(
+            version_of(instance.get_item(id).await).await,
+            2,
+            "the paused load's v1 was not stored"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lease_whose_holder_died_delays_readers_by_the_wait_bound_only() {
+    let app = Spawn::default().start().await;
+    let id = app.create_item("orphan", 100).await["id"].as_i64().unwrap();
+    let key = format!("{}lease:{id}", app.prefix);
+    // A holder that took the lease and died: nothing will fill or release it.
+    let _: () = app
+        .redis_cmd(&["SET", &key, "dead-holder", "PX", "60000"])
+        .await;
+
+    let read = app.get_item(id).await;
+    assert_eq!(read.status(), 200, "the reader gave up waiting and loaded");
+    assert_eq!(header(&read, "x-cache"), "MISS");
+    assert_eq!(version_of(read).await, 1);
+    assert_eq!(app.item_queries().await, 1);
+    // Its fill (stamp-checked like any) stored the entry: the next read is a hit, and the
+    // dead holder's lease is left to expire (it is not this reader's to release).
+    assert_eq!(header(&app.get_item(id).await, "x-cache"), "HIT");
+    let holder: Option<String> = app.redis_cmd(&["GET", &key]).await;
+    assert_eq!(holder.as_deref(), Some("dead-holder"));
+}
+
+#[tokio::test]
+async fn a_failed_load_releases_its_lease() {
+    let app = Spawn::default().start().await;
+    let id = app.insert_items(1).await[0];
+    // The load fails at once: its table is gone.
+    app.sql("ALTER TABLE items RENAME TO items_gone").await;
+    let read = app.get_item(id).await;
+    assert!(read.status().is_server_error(), "{}", read.status());
+    assert_eq!(
+        app.redis_get(&format!("lease:{id}")).await,
+        None,
+        "the failed load released its lease"
+    );
+    app.sql("ALTER TABLE items_gone RENAME TO items").await;
+    assert_eq!(app.get_item(id).await.status(), 200);
+}
