@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import scenarios  # noqa: E402  (bench/scenarios.py: steps 10-12)
+
 MIB = 1024 * 1024
 
 
@@ -715,6 +717,8 @@ def report(raw, out, duration):
                                     + ("" if fb.get("drained", True) else " (the queue was NOT emptied)"),
                         "ratio": (stale_w or 0) + (stale_b or 0), "threshold": "== 0",
                         "pass": (stale_w or 0) + (stale_b or 0) == 0 and fb.get("drained", True)})
+    more = scenarios.results(raw, phases, runs, settings)
+    targets.extend(scenarios.targets(more))
     if meta.get("only"):  # a partial run: only the targets it measured
         targets = [t for t in targets if t["pass"] is not None]
 
@@ -728,6 +732,7 @@ def report(raw, out, duration):
         "zipf": zipf,
         "soak": {k: v for k, v in soak.items()},
         "feed": feed,
+        **more,
         "warm": json.load(open(os.path.join(raw, "warm.json"))) if os.path.exists(os.path.join(raw, "warm.json")) else None,
         "raw_dir": os.path.relpath(raw, out),
         "others_source": "sampler" if any("others" in x for x in samples[:5]) else ("poll" if others_log else None),
@@ -757,6 +762,7 @@ def bar_panel(ax, items, field, label_fmt, ylabel, title):
 
 def plots(res, out):
     feed_plot(res.get("feed") or {}, out)
+    scenarios.plots(res, out)
     if res["meta"].get("only"):
         return
     refs, runs = res["references"], res["scenarios"]
@@ -1103,12 +1109,15 @@ def markdown(res):
                      f". Latency (oha, corrected): p50 {fmt(lat.get('p50'), 2)} ms, p99 {fmt(lat.get('p99'), 1)} ms, max {fmt(lat.get('max'), 1)} ms.\n")
 
     L.extend(feed_markdown(res))
+    L.extend(scenarios.markdown(res, st))
 
     L.append("## Plots\n")
     pngs = [] if m.get("only") else [("throughput.png", "throughput"), ("latency.png", "latency hit vs miss"),
                                      ("hit_ratio.png", "Zipf hit ratio over time"), ("soak.png", "RSS over the soak")]
     if res.get("feed"):
         pngs.append(("feed.png", "change feed: lag, bulk UPDATE drain"))
+    if res.get("refresh"):
+        pngs.append(("refresh.png", "early refresh: misses and Postgres queries per second"))
     for png, alt in pngs:
         L.append(f"![{alt}]({png})")
     L.append("")

@@ -2,8 +2,11 @@
 """Warms the cache with every id in 1..N through the service's own batch read
 (GET /items?ids=a,...,a+99), a few requests in parallel; fails on any non-200.
 Prints one JSON object (requests, seconds, items found, ids missing).
+With --by-name, looks up the seeded name of every id in 1..N instead (GET /items?name=,
+one request each; the name's list and its item cached), and counts as missing every
+lookup that does not answer exactly that id (bench/lua/names.lua computes the same names).
 
-    warm.py --port P --count N [--parallel 8]
+    warm.py --port P --count N [--parallel 8] [--by-name]
 """
 
 import argparse
@@ -12,6 +15,18 @@ import json
 import sys
 import threading
 import time
+import urllib.parse
+
+# The seed's names (src/seed.rs): item n is "<adjective> <material> <noun> <n, 7 digits>".
+ADJ = ["Compact", "Deluxe", "Rugged", "Classic", "Smart", "Portable", "Ergonomic", "Vintage", "Quiet",
+       "Heavy-duty", "Slim", "Modular", "Wireless", "Foldable", "Premium", "Eco"]
+MAT = ["Steel", "Oak", "Bamboo", "Copper", "Ceramic", "Carbon", "Linen", "Glass", "Walnut", "Titanium"]
+NOUN = ["Widget", "Kettle", "Lamp", "Backpack", "Chair", "Speaker", "Notebook", "Bottle", "Clock", "Drill",
+        "Mug", "Router", "Blender", "Desk", "Helmet", "Tent", "Camera", "Keyboard", "Scarf", "Skillet"]
+
+
+def seeded_name(n):
+    return f"{ADJ[(n * 7) % 16]} {MAT[(n * 13) % 10]} {NOUN[(n * 31) % 20]} {n:07d}"
 
 
 def main():
@@ -20,7 +35,10 @@ def main():
     ap.add_argument("--count", type=int, required=True)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--by-name", action="store_true")
     args = ap.parse_args()
+    if args.by_name:
+        args.batch = 1
 
     starts = list(range(1, args.count + 1, args.batch))
     lock = threading.Lock()
@@ -34,18 +52,27 @@ def main():
                     return
                 a = starts[state["next"]]
                 state["next"] += 1
-            ids = ",".join(str(i) for i in range(a, min(a + args.batch, args.count + 1)))
-            conn.request("GET", f"/items?ids={ids}")
+            if args.by_name:
+                path = "/items?name=" + urllib.parse.quote(seeded_name(a))
+            else:
+                ids = ",".join(str(i) for i in range(a, min(a + args.batch, args.count + 1)))
+                path = f"/items?ids={ids}"
+            conn.request("GET", path)
             r = conn.getresponse()
             body = r.read()
             if r.status != 200:
                 with lock:
-                    state["failed"] = f"GET /items?ids={a}..: {r.status} {body[:200]!r}"
+                    state["failed"] = f"GET {path[:60]}..: {r.status} {body[:200]!r}"
                 return
             doc = json.loads(body)
+            if args.by_name:
+                found = int([item["id"] for item in doc["items"]] == [a])
+                missing = 1 - found
+            else:
+                found, missing = len(doc["items"]), len(doc["missing"])
             with lock:
-                state["found"] += len(doc["items"])
-                state["missing"] += len(doc["missing"])
+                state["found"] += found
+                state["missing"] += missing
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(args.parallel)]

@@ -25,12 +25,10 @@ async fn checked_app() -> TestApp {
     Spawn::default().var("CACHE_VERIFY_SAMPLE", 1).start().await
 }
 
-/// An entry overwritten in Redis with an older version of its item (what a lost
-/// invalidation leaves behind): the next hit's check reports it within the grace.
-#[tokio::test]
-async fn an_entry_holding_an_old_version_is_reported_stale() {
-    let _serial = serial().await;
-    let app = checked_app().await;
+/// Leaves in Redis what a lost invalidation leaves behind: a new item at version 2 whose
+/// entry holds version 1, the newer version clearly older than any hit from now on. Returns
+/// the item's id: its next read is a hit serving the old version.
+pub async fn plant_old_version(app: &TestApp) -> i64 {
     let id = app.create_item("checked", 1).await["id"].as_i64().unwrap();
     assert_eq!(
         app.patch_item(id, &json!({"price_cents": 2}))
@@ -48,6 +46,16 @@ async fn an_entry_holding_an_old_version_is_reported_stale() {
     let _: () = app.redis_cmd(&["SET", &key, &old, "KEEPTTL"]).await;
     // The newer version is clearly older than the hit.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    id
+}
+
+/// An entry overwritten in Redis with an older version of its item (what a lost
+/// invalidation leaves behind): the next hit's check reports it within the grace.
+#[tokio::test]
+async fn an_entry_holding_an_old_version_is_reported_stale() {
+    let _serial = serial().await;
+    let app = checked_app().await;
+    let id = plant_old_version(&app).await;
 
     let stale_before = checks(&app, "stale").await;
     let hit = app.get_item(id).await;

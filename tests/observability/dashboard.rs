@@ -1,16 +1,23 @@
-//! Dashboard truth: a real Prometheus scrapes a real instance under mixed traffic, and every
-//! query of the bundled Grafana dashboard (every panel target, rows included, and the
-//! `instance` variable) runs against it and returns data. A query naming a metric or label
-//! the service does not export, or one Prometheus refuses, fails here with its panel's name.
-//! The alert rules are loaded too, and must evaluate without error.
+//! Dashboard truth: a real Prometheus scrapes a fleet of two real instances under mixed
+//! traffic, and every query of the bundled Grafana dashboard (every panel target, rows
+//! included, and the `instance` variable) runs against it and returns data; a query that
+//! groups `by (instance)` returns a series for each instance. A query naming a metric or
+//! label the service does not export, or one Prometheus refuses, fails here with its
+//! panel's name. The alert rules are loaded too, and must evaluate without error.
+//!
+//! Every hit is checked for staleness (`CACHE_VERIFY_SAMPLE=1`), and one entry is made stale
+//! (its old version planted in Redis), so the consistency panels (the checks, the nines, the
+//! age of stale entries) have their series.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::consistency::plant_old_version;
+use crate::fleet::ProcessInstance;
 use crate::prometheus_server::Prometheus;
 use crate::serial;
-use crate::support::{TestApp, eventually, spawn_app};
+use crate::support::{Spawn, TestApp, eventually, header};
 
 const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -147,9 +154,21 @@ async fn traffic_round(app: &TestApp, round: usize, hot: i64, cold: &[i64]) {
     app.get("/readyz").await;
 }
 
+/// The second instance's round: reads only (hits, a miss, a batch), enough for its request,
+/// hit ratio, latency and hot key series.
+async fn fleet_round(instance: &ProcessInstance, round: usize, hot: i64, cold: &[i64]) {
+    let cold = cold[(round + 1) % cold.len()];
+    for _ in 0..3 {
+        instance.get(&format!("/items/{hot}")).await;
+    }
+    instance.get(&format!("/items/{cold}")).await;
+    instance.get(&format!("/items?ids={hot},{cold}")).await;
+}
+
 /// The fewest samples any series of the service's counters and histograms has in the last
 /// minute (`None` before the first scrape). Family by family: `count_over_time` drops the
-/// metric name, and `_sum` and `_count` of one histogram would collide.
+/// metric name, and `_sum` and `_count` of one histogram would collide. The staleness age
+/// appears once the planted stale entry has been found.
 async fn least_scraped(prometheus: &Prometheus) -> Option<f64> {
     let mut least: Option<f64> = None;
     for family in [
@@ -158,6 +177,8 @@ async fn least_scraped(prometheus: &Prometheus) -> Option<f64> {
         "itemcache_cache_lookups_total",
         "itemcache_cache_operation_duration_seconds_count",
         "itemcache_db_query_duration_seconds_count",
+        "itemcache_consistency_checks_total",
+        "itemcache_staleness_age_seconds_count",
     ] {
         let n = prometheus
             .scalar(&format!("min(count_over_time({family}[1m]))"))
@@ -171,14 +192,19 @@ async fn least_scraped(prometheus: &Prometheus) -> Option<f64> {
 async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let _serial = serial().await;
     let started = Instant::now();
-    let app = spawn_app().await;
+    let app = Spawn::default().var("CACHE_VERIFY_SAMPLE", 1).start().await;
+    let second = ProcessInstance::start(&app, &[("CACHE_VERIFY_SAMPLE", "1")]).await;
     let ids = app.insert_items(50).await;
     let (hot, cold) = (ids[0], &ids[1..]);
-    let prometheus = Prometheus::start(
-        &format!("127.0.0.1:{}", app.port),
-        std::path::Path::new(ALERT_RULES),
-    )
-    .await;
+    let instances = [
+        format!("127.0.0.1:{}", app.port),
+        format!("127.0.0.1:{}", second.port),
+    ];
+    let prometheus = Prometheus::start(&instances, std::path::Path::new(ALERT_RULES)).await;
+
+    // A stale entry for the checker to find (what a lost invalidation leaves behind).
+    let stale = plant_old_version(&app).await;
+    assert_eq!(header(&app.get_item(stale).await, "etag"), "\"1\"");
 
     // Traffic until every itemcache series has been scraped 3 times: then every rate over
     // $__rate_interval has its samples.
@@ -186,6 +212,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let mut round = 0;
     loop {
         traffic_round(&app, round, hot, cold).await;
+        fleet_round(&second, round, hot, cold).await;
         round += 1;
         let scraped = least_scraped(&prometheus).await;
         if scraped.is_some_and(|n| n >= 3.0) {
@@ -196,9 +223,10 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         if Instant::now() > until {
             let targets = prometheus.api("targets", &[]).await;
             panic!(
-                "prometheus did not scrape the app 3 times in 30 s (last: {scraped:?})\n\
-                 targets: {targets}\nits log:\n{}",
-                prometheus.log()
+                "prometheus did not scrape the instances 3 times in 30 s (last: {scraped:?})\n\
+                 targets: {targets}\nits log:\n{}\nthe second instance's log:\n{}",
+                prometheus.log(),
+                second.log()
             );
         }
     }
@@ -234,16 +262,39 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
                     failures.push(format!(
                         "{}: only NaN: {}\n    {expr}",
                         target.panel,
-                        Value::from(result)
+                        Value::from(result.clone())
                     ));
+                }
+                // Per-instance panels: a series (a number) for each instance.
+                if by_instance(&expr) {
+                    let seen: Vec<&str> = result
+                        .iter()
+                        .filter(|r| {
+                            r["value"][1]
+                                .as_str()
+                                .and_then(|v| v.parse::<f64>().ok())
+                                .is_some_and(|v| !v.is_nan())
+                        })
+                        .filter_map(|r| r["metric"]["instance"].as_str())
+                        .collect();
+                    let missing: Vec<&String> = instances
+                        .iter()
+                        .filter(|i| !seen.contains(&i.as_str()))
+                        .collect();
+                    if !missing.is_empty() {
+                        failures.push(format!(
+                            "{}: no series for {missing:?}: {}\n    {expr}",
+                            target.panel,
+                            Value::from(result)
+                        ));
+                    }
                 }
             }
         }
     }
 
     // The `instance` variable: `label_values(metric, label)` lists the label's values on
-    // the metric's series; this instance must be among them.
-    let instance = format!("127.0.0.1:{}", app.port);
+    // the metric's series; both instances must be among them.
     for var in dashboard["templating"]["list"]
         .as_array()
         .into_iter()
@@ -272,9 +323,11 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             .collect();
         if series["status"] != "success" || values.is_empty() {
             failures.push(format!("variable {name}: {query} lists nothing: {series}"));
-        } else if name == "instance" && !values.contains(&instance.as_str()) {
+        } else if name == "instance"
+            && let Some(absent) = instances.iter().find(|i| !values.contains(&i.as_str()))
+        {
             failures.push(format!(
-                "variable {name}: {query} lists {values:?}, not {instance}"
+                "variable {name}: {query} lists {values:?}, not {absent}"
             ));
         }
     }
@@ -322,6 +375,31 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         targets.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Whether a query is per instance: its first grouping (in the dashboard's queries, the
+/// outermost aggregation) keeps `instance`, as `by (instance)` or `by (instance, le)` do.
+fn by_instance(expr: &str) -> bool {
+    let squeezed: String = expr.split_whitespace().collect();
+    squeezed.find("by(").is_some_and(|at| {
+        squeezed[at + 3..]
+            .split(')')
+            .next()
+            .is_some_and(|labels| labels.split(',').any(|l| l == "instance"))
+    })
+}
+
+#[test]
+fn per_instance_queries_are_recognised() {
+    assert!(by_instance(
+        "histogram_quantile(0.99, sum by (instance, le) (rate(x[1m])))"
+    ));
+    assert!(by_instance("sum by(instance)(x) / sum by (instance) (y)"));
+    assert!(!by_instance("sum by (le, cache) (rate(x[1m]))"));
+    assert!(!by_instance("sum(x{instance=~\".*\"})"));
+    assert!(!by_instance(
+        "histogram_quantile(0.99, sum by (le) (sum by (instance, le) (x)))"
+    ));
 }
 
 #[test]

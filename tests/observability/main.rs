@@ -29,6 +29,7 @@ mod prometheus_server;
 mod consistency;
 mod dashboard;
 mod exported_metrics;
+mod fleet;
 
 /// Held by every test for its whole run: counters are process-wide, so one test's traffic
 /// must not land between another's snapshots. (A tokio mutex does not poison: one failed

@@ -1,5 +1,5 @@
-//! A real Prometheus (Debian's `prometheus` binary) on a free loopback port, scraping one
-//! test instance every second, with the repo's alert rules loaded. Its config and storage
+//! A real Prometheus (Debian's `prometheus` binary) on a free loopback port, scraping test
+//! instances every second, with the repo's alert rules loaded. Its config and storage
 //! live in a scratch directory.
 //!
 //! Like the harness's servers it has a guardian: a `sh` that waits on a pipe from this
@@ -27,9 +27,9 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping `target` (`host:port`) as job `itemcache`, with the rules
-    /// of `rules`; returns once it answers `/-/ready`.
-    pub async fn start(target: &str, rules: &Path) -> Prometheus {
+    /// Starts Prometheus scraping `targets` (`host:port` each, one `instance` label each) as
+    /// job `itemcache`, with the rules of `rules`; returns once it answers `/-/ready`.
+    pub async fn start(targets: &[String], rules: &Path) -> Prometheus {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "itemcache-test-{}-prometheus-{port}",
@@ -42,7 +42,7 @@ impl Prometheus {
              evaluation_interval: {secs}s\n\
              rule_files:\n  - {rules:?}\n\
              scrape_configs:\n  - job_name: itemcache\n    metrics_path: /metrics\n    \
-             static_configs:\n      - targets: [{target:?}]\n",
+             static_configs:\n      - targets: {targets:?}\n",
         );
         std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
         let log = std::fs::File::create(dir.join("log")).expect("prometheus log file");
