@@ -10,7 +10,7 @@ use actix_web::dev::Server;
 use actix_web::{App, HttpServer, middleware::from_fn, web};
 use tokio::sync::watch;
 
-use crate::cache::{Cache, Connections};
+use crate::cache::{Cache, Connections, Factory, Keys};
 use crate::config::Settings;
 use crate::db::replicas::Replicas;
 use crate::db::{self, DbSetupError};
@@ -64,15 +64,27 @@ impl Application {
             replicas,
         );
 
-        let factory = deadpool_redis::Config::from_url(settings.redis_url.clone())
-            .builder()
-            .map_err(|e| StartupError::Redis(Box::new(e)))?
-            .max_size(settings.redis_pool_size)
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .map_err(|e| StartupError::Redis(Box::new(e)))?;
         // Connecting may take longer than one command's deadline (TCP + HELLO), but not long.
         let connect_timeout = settings.redis_timeout.max(Duration::from_millis(500));
+        let factory = if settings.redis_cluster_nodes.is_empty() {
+            let pool = deadpool_redis::Config::from_url(settings.redis_url.clone())
+                .builder()
+                .map_err(|e| StartupError::Redis(Box::new(e)))?
+                .max_size(settings.redis_pool_size)
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .map_err(|e| StartupError::Redis(Box::new(e)))?;
+            Factory::Single(pool)
+        } else {
+            let client = ::redis::cluster::ClusterClientBuilder::new(
+                settings.redis_cluster_nodes.iter().map(String::as_str),
+            )
+            .connection_timeout(connect_timeout)
+            .response_timeout(settings.redis_timeout)
+            .build()
+            .map_err(|e| StartupError::Redis(Box::new(e)))?;
+            Factory::Cluster(Box::new(client))
+        };
         let conns = Connections::new(
             factory,
             settings.redis_pool_size,
@@ -82,7 +94,14 @@ impl Application {
         if conns.connect_all().await == 0 {
             tracing::warn!("redis is not reachable; serving from postgres until it is");
         }
-        let cache = Cache::new(conns, &settings.cache_key_prefix, settings.redis_timeout);
+        let cache = Cache::new(
+            conns,
+            Keys::new(
+                &settings.cache_key_prefix,
+                !settings.redis_cluster_nodes.is_empty(),
+            ),
+            settings.redis_timeout,
+        );
 
         let state = web::Data::new(AppState {
             service: ItemService::new(repo, cache, &settings),

@@ -68,6 +68,8 @@ pub struct Settings {
     /// A replica further behind than this is not read.
     pub database_replica_max_lag: Duration,
     pub redis_url: String,
+    /// Seed URLs of a Redis Cluster (`REDIS_CLUSTER_NODES`); when set, `redis_url` is unused.
+    pub redis_cluster_nodes: Vec<String>,
     pub listen_addr: SocketAddr,
     pub cache_mode: CacheMode,
     pub cache_ttl: Duration,
@@ -106,6 +108,15 @@ impl Settings {
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
         let env = Env(&vars);
+        let redis_cluster_nodes = env.urls("REDIS_CLUSTER_NODES", &["redis"])?;
+        if !redis_cluster_nodes.is_empty() && env.raw("REDIS_URL").is_some() {
+            return Err(env.invalid(
+                "REDIS_CLUSTER_NODES",
+                "cannot be set together with REDIS_URL: a cluster is reached through its \
+                 seed nodes; unset one of them"
+                    .to_owned(),
+            ));
+        }
         Ok(Settings {
             database_url: env.url(
                 "DATABASE_URL",
@@ -123,6 +134,7 @@ impl Settings {
                 30_000,
             )?),
             redis_url: env.url("REDIS_URL", "redis://127.0.0.1:6379", &["redis"])?,
+            redis_cluster_nodes,
             listen_addr: env.parsed(
                 "LISTEN_ADDR",
                 "127.0.0.1:8080",

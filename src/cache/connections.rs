@@ -16,13 +16,79 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use ::redis::aio::{ConnectionLike, MultiplexedConnection};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, Pipeline, RedisFuture, Value};
 use thread_local::ThreadLocal;
+
+/// A connection to one Redis or to a Redis Cluster (`REDIS_CLUSTER_NODES`). Both pipeline
+/// concurrent commands and are made to be cloned; a cluster connection routes each command
+/// by its keys' slot, follows `MOVED`/`ASK` and refreshes its map of the cluster after a
+/// failover, by itself.
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// What makes connections: deadpool-redis's pool (used only as a factory, see the module
+/// docs) for one Redis, redis-rs's cluster client for a cluster.
+pub enum Factory {
+    Single(deadpool_redis::Pool),
+    Cluster(Box<::redis::cluster::ClusterClient>),
+}
+
+impl Factory {
+    async fn connect(&self) -> Option<Conn> {
+        match self {
+            Factory::Single(pool) => pool
+                .get()
+                .await
+                .ok()
+                .map(|conn| Conn::Single(deadpool_redis::Connection::take(conn))),
+            Factory::Cluster(client) => match client.get_async_connection().await {
+                Ok(conn) => Some(Conn::Cluster(conn)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "redis cluster connection failed");
+                    None
+                }
+            },
+        }
+    }
+}
 
 /// One connection slot: the connection (or none while it is being replaced), which
 /// generation it is, and how many commands it has in flight (for the pool gauges).
 struct Slot {
-    conn: RwLock<Option<(u64, MultiplexedConnection)>>,
+    conn: RwLock<Option<(u64, Conn)>>,
     reconnecting: AtomicBool,
     in_flight: AtomicUsize,
 }
@@ -73,7 +139,7 @@ pub struct Connections {
 }
 
 struct Inner {
-    factory: deadpool_redis::Pool,
+    factory: Factory,
     /// Each thread's entry, made on its first command: whether it is an HTTP worker (a
     /// current-thread runtime) is decided once, not per command.
     local: ThreadLocal<Own>,
@@ -114,7 +180,7 @@ impl Connections {
     /// `size` connections in all: one of them for each of up to `workers` HTTP workers, the
     /// rest (at least one) shared. Call it on the main runtime.
     pub fn new(
-        factory: deadpool_redis::Pool,
+        factory: Factory,
         size: usize,
         workers: usize,
         connect_timeout: Duration,
@@ -181,7 +247,7 @@ impl Connections {
     /// On an HTTP worker, its own connection if it has one and that is connected (else it
     /// is connected in the background, on the worker); otherwise a shared one; `None` when
     /// none is connected (the caller goes on without the cache rather than wait).
-    pub fn lend(&self) -> Option<(MultiplexedConnection, Lent<'_>)> {
+    pub fn lend(&self) -> Option<(Conn, Lent<'_>)> {
         let own = self.inner.local.get_or(|| self.claim());
         if let Some(lent) = own.slot().and_then(|slot| self.try_lend(slot, false)) {
             return Some(lent);
@@ -214,11 +280,7 @@ impl Connections {
     }
 
     /// A clone of `slot`'s connection; if it has none, a new one is made in the background.
-    fn try_lend<'a>(
-        &'a self,
-        slot: &'a Arc<Slot>,
-        shared: bool,
-    ) -> Option<(MultiplexedConnection, Lent<'a>)> {
+    fn try_lend<'a>(&'a self, slot: &'a Arc<Slot>, shared: bool) -> Option<(Conn, Lent<'a>)> {
         let current = slot.conn.read().ok().and_then(|c| c.clone());
         match current {
             Some((generation, conn)) => {
@@ -274,11 +336,11 @@ fn on_worker() -> bool {
 impl Inner {
     async fn reconnect(self: Arc<Self>, slot: Arc<Slot>) {
         slot.reconnecting.store(true, Ordering::Release);
-        let made = tokio::time::timeout(self.connect_timeout, self.factory.get()).await;
-        if let Ok(Ok(conn)) = made {
+        let made = tokio::time::timeout(self.connect_timeout, self.factory.connect()).await;
+        if let Ok(Some(conn)) = made {
             let generation = self.generation.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut current) = slot.conn.write() {
-                *current = Some((generation, deadpool_redis::Connection::take(conn)));
+                *current = Some((generation, conn));
             }
         }
         slot.reconnecting.store(false, Ordering::Release);

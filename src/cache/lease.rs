@@ -105,18 +105,24 @@ impl Cache {
         ids: &[ItemId],
         token: &LeaseToken,
     ) -> Result<Vec<bool>, CacheError> {
-        let mut invocation = ACQUIRE.prepare_invoke();
-        for &id in ids {
-            invocation.key(self.keys.lease(id)).key(self.keys.entry(id));
-        }
-        invocation
-            .arg(token.as_str())
-            .arg(LEASE_TTL.as_millis() as u64)
-            .arg(chrono::Utc::now().timestamp_millis());
-        let taken: Vec<i64> = self.invoke(CacheOp::Set, &invocation).await?;
-        if taken.len() != ids.len() {
-            return Err(CacheError::UnexpectedReply("lease"));
-        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let taken = self
+            .per_slot(
+                ids,
+                |&id| self.keys.lease(id),
+                |group| async move {
+                    let mut invocation = ACQUIRE.prepare_invoke();
+                    for &&id in &group {
+                        invocation.key(self.keys.lease(id)).key(self.keys.entry(id));
+                    }
+                    invocation
+                        .arg(token.as_str())
+                        .arg(LEASE_TTL.as_millis() as u64)
+                        .arg(now_ms);
+                    self.invoke::<Vec<i64>>(CacheOp::Set, &invocation).await
+                },
+            )
+            .await?;
         Ok(taken.into_iter().map(|t| t == 1).collect())
     }
 
@@ -127,12 +133,20 @@ impl Cache {
         ids: &[ItemId],
         token: &LeaseToken,
     ) -> Result<(), CacheError> {
-        let mut invocation = RELEASE.prepare_invoke();
-        for &id in ids {
-            invocation.key(self.keys.lease(id));
-        }
-        invocation.arg(token.as_str());
-        self.invoke::<i64>(CacheOp::Delete, &invocation).await?;
+        self.per_slot(
+            ids,
+            |&id| self.keys.lease(id),
+            |group| async move {
+                let mut invocation = RELEASE.prepare_invoke();
+                for &&id in &group {
+                    invocation.key(self.keys.lease(id));
+                }
+                invocation.arg(token.as_str());
+                self.invoke::<i64>(CacheOp::Delete, &invocation).await?;
+                Ok(vec![(); group.len()])
+            },
+        )
+        .await?;
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! keys; *when* to use them is `items::service`'s decision.
 
 pub mod breaker;
+pub mod cluster;
 pub mod connections;
 pub mod invalidation;
 pub mod lease;
@@ -14,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ::redis::cluster_routing::RoutingInfo;
 use ::redis::{Script, Value};
 use bytes::Bytes;
 use rand::Rng;
@@ -22,7 +24,7 @@ use crate::cache::breaker::{Breaker, Permit};
 use crate::db::replicas::Lsn;
 use crate::items::model::ItemId;
 use crate::metrics::{self, CacheOp};
-pub use connections::Connections;
+pub use connections::{Conn, Connections, Factory};
 pub use lease::{LeaseToken, Polled};
 pub use redis::{Cached, Entry, Keys, NameEntry};
 
@@ -107,6 +109,10 @@ pub const INVALIDATE_CHUNK: usize = 500;
 /// million keys take a thousand round trips.
 const SCAN_COUNT: usize = 1000;
 
+/// How many copies of the flush token (one per slot with a cluster) a truncate replaces at
+/// once.
+const FLUSH_CONCURRENCY: usize = 256;
+
 /// One entry to store if the id's stamp is still the one noted.
 #[derive(Debug)]
 pub struct Fill {
@@ -130,10 +136,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(conns: Connections, key_prefix: &str, timeout: Duration) -> Cache {
+    pub fn new(conns: Connections, keys: Keys, timeout: Duration) -> Cache {
         Cache {
             conns,
-            keys: Keys::new(key_prefix),
+            keys,
             timeout,
             fill_script: Script::new(redis::FILL_SCRIPT),
             invalidate_script: Script::new(redis::INVALIDATE_SCRIPT),
@@ -175,28 +181,64 @@ impl Cache {
     /// The current write stamps of `ids`, in order, with the flush token: one `MGET`.
     /// Taken before reading Postgres, so that a fill can prove no write came in between.
     pub async fn stamps(&self, ids: &[ItemId]) -> Result<Vec<Stamp>, CacheError> {
-        self.stamps_of(ids.iter().map(|&id| self.keys.stamp(id)).collect())
-            .await
+        self.stamps_of(
+            ids.iter()
+                .map(|&id| (self.keys.stamp(id), self.keys.flush_for_item(id)))
+                .collect(),
+        )
+        .await
     }
 
     /// A name's write stamp, with the flush token: one `MGET`, before reading Postgres.
     pub async fn name_stamp(&self, name: &str) -> Result<Stamp, CacheError> {
-        let mut stamps = self.stamps_of(vec![self.keys.name_stamp(name)]).await?;
+        let mut stamps = self
+            .stamps_of(vec![(
+                self.keys.name_stamp(name),
+                self.keys.flush_for_name(name),
+            )])
+            .await?;
         stamps.pop().ok_or(CacheError::UnexpectedReply("MGET"))
     }
 
-    async fn stamps_of(&self, keys: Vec<String>) -> Result<Vec<Stamp>, CacheError> {
+    /// Stamps with their flush tokens: with one Redis, the stamps and the one token; with a
+    /// cluster, each stamp with its slot's token (`MGET` split by slot in redis-rs).
+    async fn stamps_of(&self, keys: Vec<(String, String)>) -> Result<Vec<Stamp>, CacheError> {
         let count = keys.len();
+        let per_slot = self.keys.is_cluster();
         let mut cmd = ::redis::cmd("MGET");
-        cmd.arg(keys).arg(self.keys.flush());
+        for (stamp, _) in &keys {
+            cmd.arg(stamp);
+        }
+        match (per_slot, keys.first()) {
+            (true, _) => {
+                for (_, flush) in &keys {
+                    cmd.arg(flush);
+                }
+            }
+            (false, Some((_, flush))) => {
+                cmd.arg(flush);
+            }
+            (false, None) => return Ok(Vec::new()),
+        }
         match self.run(CacheOp::Mget, &cmd).await? {
-            Value::Array(mut values) if values.len() == count + 1 => {
-                let flush = bytes_of(values.pop());
+            Value::Array(mut values)
+                if values.len() == count + if per_slot { count } else { 1 } =>
+            {
+                let flushes: Vec<Bytes> = if per_slot {
+                    values
+                        .split_off(count)
+                        .into_iter()
+                        .map(|v| bytes_of(Some(v)))
+                        .collect()
+                } else {
+                    vec![bytes_of(values.pop()); count]
+                };
                 Ok(values
                     .into_iter()
-                    .map(|v| Stamp {
+                    .zip(flushes)
+                    .map(|(v, flush)| Stamp {
                         write: bytes_of(Some(v)),
-                        flush: flush.clone(),
+                        flush,
                     })
                     .collect())
             }
@@ -225,7 +267,7 @@ impl Cache {
     ) -> Result<bool, CacheError> {
         let mut invocation = self.fill_script.prepare_invoke();
         invocation
-            .key(self.keys.flush())
+            .key(self.keys.flush_for_name(name))
             .key(self.keys.name_entry(name))
             .key(self.keys.name_stamp(name))
             .key(self.keys.name_lease(name))
@@ -244,20 +286,28 @@ impl Cache {
         if fills.is_empty() {
             return Ok(0);
         }
-        let mut invocation = self.fill_script.prepare_invoke();
-        invocation.key(self.keys.flush());
-        for fill in fills {
-            invocation
-                .key(self.keys.entry(fill.id))
-                .key(self.keys.stamp(fill.id))
-                .key(self.keys.lease(fill.id))
-                .arg(fill.noted.write.as_ref())
-                .arg(fill.noted.flush.as_ref())
-                .arg(fill.entry.encode())
-                .arg(fill.ttl.as_millis().max(1) as u64)
-                .arg(fill.lease.as_ref().map_or("", LeaseToken::as_str));
-        }
-        let filled: Vec<i64> = self.invoke(CacheOp::Set, &invocation).await?;
+        let filled = self
+            .per_slot(
+                fills,
+                |fill| self.keys.entry(fill.id),
+                |group| async move {
+                    let mut invocation = self.fill_script.prepare_invoke();
+                    invocation.key(self.keys.flush_for_item(group[0].id));
+                    for fill in &group {
+                        invocation
+                            .key(self.keys.entry(fill.id))
+                            .key(self.keys.stamp(fill.id))
+                            .key(self.keys.lease(fill.id))
+                            .arg(fill.noted.write.as_ref())
+                            .arg(fill.noted.flush.as_ref())
+                            .arg(fill.entry.encode())
+                            .arg(fill.ttl.as_millis().max(1) as u64)
+                            .arg(fill.lease.as_ref().map_or("", LeaseToken::as_str));
+                    }
+                    self.invoke::<Vec<i64>>(CacheOp::Set, &invocation).await
+                },
+            )
+            .await?;
         Ok(filled.iter().filter(|&&f| f == 1).count())
     }
 
@@ -276,38 +326,94 @@ impl Cache {
         targets: &[(Target, Invalidation)],
     ) -> Result<(), CacheError> {
         for chunk in targets.chunks(INVALIDATE_CHUNK) {
-            let mut invocation = self.invalidate_script.prepare_invoke();
-            invocation.arg(STAMP_TTL.as_millis() as u64);
-            for (target, cause) in chunk {
-                let random = rand::rng().random::<u64>();
-                let (tag, stamp) = match cause {
-                    Invalidation::Write { txid, lsn } => {
-                        (format!("t{txid}"), format!("t{txid}:{lsn:x}:{random:016x}"))
+            self.per_slot(
+                chunk,
+                |(target, _)| self.target_keys(target).0,
+                |group| async move {
+                    let mut invocation = self.invalidate_script.prepare_invoke();
+                    invocation.arg(STAMP_TTL.as_millis() as u64);
+                    for (target, cause) in &group {
+                        let random = rand::rng().random::<u64>();
+                        let (tag, stamp) = match cause {
+                            Invalidation::Write { txid, lsn } => {
+                                (format!("t{txid}"), format!("t{txid}:{lsn:x}:{random:016x}"))
+                            }
+                            Invalidation::Eviction => (String::new(), format!("{random:016x}")),
+                        };
+                        let (entry, stamp_key, lease) = self.target_keys(target);
+                        invocation
+                            .key(entry)
+                            .key(stamp_key)
+                            .key(lease)
+                            .arg(tag)
+                            .arg(stamp);
                     }
-                    Invalidation::Eviction => (String::new(), format!("{random:016x}")),
-                };
-                let (entry, stamp_key, lease) = match target {
-                    Target::Item(id) => (
-                        self.keys.entry(*id),
-                        self.keys.stamp(*id),
-                        self.keys.lease(*id),
-                    ),
-                    Target::Name(name) => (
-                        self.keys.name_entry(name),
-                        self.keys.name_stamp(name),
-                        self.keys.name_lease(name),
-                    ),
-                };
-                invocation
-                    .key(entry)
-                    .key(stamp_key)
-                    .key(lease)
-                    .arg(tag)
-                    .arg(stamp);
-            }
-            self.invoke::<i64>(op, &invocation).await?;
+                    self.invoke::<i64>(op, &invocation).await?;
+                    Ok(vec![(); group.len()])
+                },
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// A target's entry, stamp and lease keys.
+    fn target_keys(&self, target: &Target) -> (String, String, String) {
+        match target {
+            Target::Item(id) => (
+                self.keys.entry(*id),
+                self.keys.stamp(*id),
+                self.keys.lease(*id),
+            ),
+            Target::Name(name) => (
+                self.keys.name_entry(name),
+                self.keys.name_stamp(name),
+                self.keys.name_lease(name),
+            ),
+        }
+    }
+
+    /// Runs `call` once per slot group of `items` (one group of all with one Redis; see
+    /// `cluster`), the groups concurrently; `call` answers one value per item of its group,
+    /// and the answers come back in `items`' order.
+    async fn per_slot<'a, T, R, F, Fut>(
+        &self,
+        items: &'a [T],
+        key_of: impl Fn(&T) -> String,
+        call: F,
+    ) -> Result<Vec<R>, CacheError>
+    where
+        F: Fn(Vec<&'a T>) -> Fut,
+        Fut: Future<Output = Result<Vec<R>, CacheError>>,
+    {
+        let groups = cluster::slot_groups(&self.keys, items.len(), |i| key_of(&items[i]));
+        if let [_] = groups.as_slice() {
+            let answers = call(items.iter().collect()).await?;
+            return if answers.len() == items.len() {
+                Ok(answers)
+            } else {
+                Err(CacheError::UnexpectedReply("script"))
+            };
+        }
+        let calls = groups
+            .iter()
+            .map(|group| call(group.iter().map(|&i| &items[i]).collect()));
+        let answers = futures_util::future::join_all(calls).await;
+        let mut ordered: Vec<Option<R>> =
+            std::iter::repeat_with(|| None).take(items.len()).collect();
+        for (group, answer) in groups.iter().zip(answers) {
+            let answer = answer?;
+            if answer.len() != group.len() {
+                return Err(CacheError::UnexpectedReply("script"));
+            }
+            for (&i, value) in group.iter().zip(answer) {
+                ordered[i] = Some(value);
+            }
+        }
+        ordered
+            .into_iter()
+            .map(|value| value.ok_or(CacheError::UnexpectedReply("script")))
+            .collect()
     }
 
     /// After a truncate: a new flush token (so no reader that noted the old one fills),
@@ -315,20 +421,38 @@ impl Cache {
     /// until the scan reaches them: the scan's duration bounds that (see
     /// `docs/cache-design.md`).
     pub async fn flush_entries(&self) -> Result<usize, CacheError> {
-        let mut replace = self.flush_script.prepare_invoke();
-        replace
-            .key(self.keys.flush())
-            .arg(format!("{:016x}", rand::rng().random::<u64>()));
-        self.invoke::<i64>(CacheOp::Feed, &replace).await?;
+        // Every copy of the token (one per slot with a cluster), a few hundred at a time.
+        let flush_keys = self.keys.flush_keys();
+        for chunk in flush_keys.chunks(FLUSH_CONCURRENCY) {
+            let replaces = chunk.iter().map(|key| async move {
+                let mut replace = self.flush_script.prepare_invoke();
+                replace
+                    .key(key)
+                    .arg(format!("{:016x}", rand::rng().random::<u64>()));
+                self.invoke::<i64>(CacheOp::Feed, &replace).await
+            });
+            for replaced in futures_util::future::join_all(replaces).await {
+                replaced?;
+            }
+        }
         let mut deleted = 0;
         for pattern in self.keys.entry_patterns() {
-            deleted += self.unlink_matching(&pattern).await?;
+            deleted += if self.keys.is_cluster() {
+                self.unlink_matching_on_masters(&pattern).await?
+            } else {
+                self.unlink_matching(&pattern, None).await?
+            };
         }
         Ok(deleted)
     }
 
-    /// `SCAN MATCH pattern` and `UNLINK` what it finds, step by step.
-    async fn unlink_matching(&self, pattern: &str) -> Result<usize, CacheError> {
+    /// `SCAN MATCH pattern` and `UNLINK` what it finds, step by step; on one master of a
+    /// cluster when `node` says which.
+    async fn unlink_matching(
+        &self,
+        pattern: &str,
+        node: Option<&RoutingInfo>,
+    ) -> Result<usize, CacheError> {
         let mut cursor = 0u64;
         let mut deleted = 0;
         loop {
@@ -338,7 +462,11 @@ impl Cache {
                 .arg(pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
-            let (next, keys): (u64, Vec<String>) = match self.run(CacheOp::Delete, &scan).await? {
+            let reply = match node {
+                Some(node) => self.run_on(CacheOp::Delete, &scan, node).await?,
+                None => self.run(CacheOp::Delete, &scan).await?,
+            };
+            let (next, keys): (u64, Vec<String>) = match reply {
                 Value::Array(mut reply) if reply.len() == 2 => {
                     let keys = reply.pop();
                     let next = reply.pop();
@@ -356,15 +484,35 @@ impl Cache {
             };
             if !keys.is_empty() {
                 deleted += keys.len();
-                let mut unlink = ::redis::cmd("UNLINK");
-                unlink.arg(&keys);
-                self.run(CacheOp::Feed, &unlink).await?;
+                // With a cluster, one node's keys span many slots: one `UNLINK` per slot.
+                self.per_slot(&keys, Clone::clone, |group| async move {
+                    let mut unlink = ::redis::cmd("UNLINK");
+                    unlink.arg(&group);
+                    self.run(CacheOp::Feed, &unlink).await?;
+                    Ok(vec![(); group.len()])
+                })
+                .await?;
             }
             if next == 0 {
                 return Ok(deleted);
             }
             cursor = next;
         }
+    }
+
+    /// [`Cache::unlink_matching`] on every master of the cluster (`SCAN` sees one node).
+    async fn unlink_matching_on_masters(&self, pattern: &str) -> Result<usize, CacheError> {
+        let shards = self
+            .run(
+                CacheOp::Feed,
+                &::redis::cmd("CLUSTER").arg("SHARDS").to_owned(),
+            )
+            .await?;
+        let mut deleted = 0;
+        for master in cluster::master_routes(&shards) {
+            deleted += self.unlink_matching(pattern, Some(&master)).await?;
+        }
+        Ok(deleted)
     }
 
     /// `PING`, for `/readyz`: its own `op` label, and outside the circuit breaker, so that
@@ -391,6 +539,22 @@ impl Cache {
         .await
     }
 
+    /// A command sent to one node of the cluster.
+    async fn run_on(
+        &self,
+        op: CacheOp,
+        cmd: &::redis::Cmd,
+        node: &RoutingInfo,
+    ) -> Result<Value, CacheError> {
+        self.call(op, |conn| async move {
+            match conn {
+                Conn::Cluster(mut conn) => conn.route_command(cmd.clone(), node.clone()).await,
+                Conn::Single(mut conn) => cmd.query_async::<Value>(&mut conn).await,
+            }
+        })
+        .await
+    }
+
     async fn invoke<T: ::redis::FromRedisValue>(
         &self,
         op: CacheOp,
@@ -405,7 +569,7 @@ impl Cache {
     /// One Redis call: through the breaker, timed and counted.
     async fn call<T, F, Fut>(&self, op: CacheOp, send: F) -> Result<T, CacheError>
     where
-        F: FnOnce(::redis::aio::MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = ::redis::RedisResult<T>>,
     {
         let permit = self.breaker.permit();
@@ -427,7 +591,7 @@ impl Cache {
     /// replaced, since a frozen peer would otherwise hang every command sent on it.
     async fn send<T, F, Fut>(&self, send: F) -> Result<T, CacheError>
     where
-        F: FnOnce(::redis::aio::MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = ::redis::RedisResult<T>>,
     {
         let Some((conn, lent)) = self.conns.lend() else {
@@ -436,7 +600,15 @@ impl Cache {
         match tokio::time::timeout(self.timeout, send(conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                tracing::debug!(error = %e, "redis call failed");
+                // A cluster connection that timed out may still be routing to a master that
+                // died: a new one reads the cluster's current map of slots.
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_unrecoverable_error()
+                    || e.is_timeout()
+                    || e.is_cluster_error()
+                {
                     self.conns.discard(&lent);
                 }
                 Err(CacheError::Redis(Arc::new(e)))

@@ -12,8 +12,10 @@
 //! Postgres and fills only if the stamp is unchanged; see [`FILL_SCRIPT`] and
 //! `docs/cache-design.md`.
 
+use ::redis::cluster_routing::Slot;
 use bytes::Bytes;
 
+use crate::cache::cluster;
 use crate::items::model::{ItemId, ItemJson};
 
 /// The fill, atomic in Redis: store the entry only if no write has stamped the id since
@@ -122,51 +124,119 @@ return 1
 ";
 
 /// Key names under `CACHE_KEY_PREFIX`.
+///
+/// With Redis Cluster (`cluster`), every key of one id carries the id as its hash tag
+/// (`item:{42}`, `stamp:{42}`, `lease:{42}`), and every key of one name a hash of the name
+/// (`name:{<hash>}<name>`), so that the keys a script touches together sit in one slot; the
+/// flush token is kept once per slot (`flush:{<tag>}`, see `cache::cluster`), so that each
+/// fill can check its slot's copy. With one Redis the names are unchanged from before the
+/// cluster existed (no tags, one flush token).
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    cluster: bool,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Keys {
+    pub fn new(prefix: &str, cluster: bool) -> Keys {
         Keys {
             prefix: prefix.to_owned(),
+            cluster,
+        }
+    }
+
+    /// Whether the keys are laid out for Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    fn of_id(&self, kind: &str, id: ItemId) -> String {
+        if self.cluster {
+            format!("{}{kind}:{{{id}}}", self.prefix)
+        } else {
+            format!("{}{kind}:{id}", self.prefix)
+        }
+    }
+
+    fn of_name(&self, kind: &str, name: &str) -> String {
+        if self.cluster {
+            format!(
+                "{}{kind}:{{{}}}{name}",
+                self.prefix,
+                cluster::name_tag(name)
+            )
+        } else {
+            format!("{}{kind}:{name}", self.prefix)
         }
     }
 
     pub fn entry(&self, id: ItemId) -> String {
-        format!("{}item:{id}", self.prefix)
+        self.of_id("item", id)
     }
 
     pub fn stamp(&self, id: ItemId) -> String {
-        format!("{}stamp:{id}", self.prefix)
+        self.of_id("stamp", id)
     }
 
     /// The fleet-wide lease on loading `id` (`cache::lease`).
     pub fn lease(&self, id: ItemId) -> String {
-        format!("{}lease:{id}", self.prefix)
+        self.of_id("lease", id)
     }
 
     /// A name's lease key. Name lookups take no lease (their loads are coalesced per
     /// instance only); the key exists so that names and items share the fill and
     /// invalidation scripts, and is never set.
     pub fn name_lease(&self, name: &str) -> String {
-        format!("{}nlease:{name}", self.prefix)
+        self.of_name("nlease", name)
     }
 
     /// A name's cached lookup: the ids of its first page.
     pub fn name_entry(&self, name: &str) -> String {
-        format!("{}name:{name}", self.prefix)
+        self.of_name("name", name)
     }
 
     /// A name's write stamp: replaced by every write that moves an item into or out of the
     /// name's result.
     pub fn name_stamp(&self, name: &str) -> String {
-        format!("{}nstamp:{name}", self.prefix)
+        self.of_name("nstamp", name)
     }
 
-    /// The key space's flush token, replaced when the table is truncated.
-    pub fn flush(&self) -> String {
+    /// The flush token a reader of `id` notes and its fill checks: the key space's one, or
+    /// with a cluster the copy in `id`'s slot.
+    pub fn flush_for_item(&self, id: ItemId) -> String {
+        if self.cluster {
+            self.flush_in(Slot::for_key(id.to_string()))
+        } else {
+            self.flush()
+        }
+    }
+
+    /// [`Keys::flush_for_item`] for a name's lookup.
+    pub fn flush_for_name(&self, name: &str) -> String {
+        if self.cluster {
+            self.flush_in(Slot::for_key(cluster::name_tag(name)))
+        } else {
+            self.flush()
+        }
+    }
+
+    fn flush_in(&self, slot: Slot) -> String {
+        format!("{}flush:{{{}}}", self.prefix, cluster::slot_tag(slot))
+    }
+
+    /// Every copy of the flush token: one, or with a cluster one per slot.
+    pub fn flush_keys(&self) -> Vec<String> {
+        if self.cluster {
+            cluster::slot_tags()
+                .map(|tag| format!("{}flush:{{{tag}}}", self.prefix))
+                .collect()
+        } else {
+            vec![self.flush()]
+        }
+    }
+
+    /// The key space's flush token (one Redis), replaced when the table is truncated.
+    fn flush(&self) -> String {
         format!("{}flush", self.prefix)
     }
 
@@ -344,11 +414,11 @@ mod tests {
     #[test]
     fn the_entry_patterns_match_the_prefix_literally() {
         assert_eq!(
-            Keys::new("app:").entry_patterns(),
+            Keys::new("app:", false).entry_patterns(),
             ["app:item:*".to_owned(), "app:name:*".to_owned()]
         );
         assert_eq!(
-            Keys::new("a*b?[c]:").entry_patterns()[0],
+            Keys::new("a*b?[c]:", false).entry_patterns()[0],
             "a\\*b\\?\\[c\\]:item:*"
         );
     }

@@ -25,6 +25,29 @@ fn itemcache(args: &[&str], vars: &[(&str, String)]) -> Command {
 }
 
 #[test]
+fn a_cluster_and_a_single_redis_together_exit_2_naming_both() {
+    let out = itemcache(
+        &[],
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1".to_owned()),
+            (
+                "REDIS_CLUSTER_NODES",
+                "redis://127.0.0.1:2,redis://127.0.0.1:3".to_owned(),
+            ),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("REDIS_CLUSTER_NODES: ") && stderr.contains("REDIS_URL"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
 fn a_bad_setting_exits_2_with_one_line_naming_it() {
     let cases = [
         (

@@ -20,6 +20,7 @@ mod hot_keys;
 mod items_api;
 mod lookup_by_name;
 mod openapi;
+mod redis_cluster;
 mod redis_permissions;
 mod replicas;
 mod resilience;

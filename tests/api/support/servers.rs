@@ -303,3 +303,218 @@ impl RedisServer {
         *state = Self::spawn(self.port);
     }
 }
+
+/// A Redis Cluster of our own: 3 masters and 3 replicas on free ports, with a 1 s node
+/// timeout so that a killed master is replaced within a few seconds.
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+    _dir: PathBuf,
+}
+
+pub struct ClusterNode {
+    pub port: u16,
+    child: Mutex<Option<Child>>,
+    _guardian: Child,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = scratch_dir("redis-cluster");
+        let nodes: Vec<ClusterNode> = (0..6)
+            .map(|_| {
+                let port = free_port();
+                let child = Command::new("redis-server")
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &format!("nodes-{port}.conf"),
+                        "--cluster-node-timeout",
+                        "1000",
+                        // A replica may take over however long it has been apart from its
+                        // master (the default refuses after 10 node timeouts of silence,
+                        // which a replica made moments ago can already be counted as).
+                        "--cluster-replica-validity-factor",
+                        "0",
+                        "--dir",
+                        dir.to_str().expect("utf-8 temp dir"),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("redis-server is installed; scripts/test installs it");
+                let guardian = guardian(&format!(
+                    "kill -CONT {0}; kill -9 {0}; rm -rf {1}",
+                    child.id(),
+                    dir.display()
+                ));
+                ClusterNode {
+                    port,
+                    child: Mutex::new(Some(child)),
+                    _guardian: guardian,
+                }
+            })
+            .collect();
+        for node in &nodes {
+            assert!(
+                wait_for_port(node.port, Duration::from_secs(10)),
+                "cluster node on {} did not start",
+                node.port
+            );
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        run(&mut create);
+        let cluster = RedisCluster { nodes, _dir: dir };
+        cluster.wait_until_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// The seed URLs, comma-separated (`REDIS_CLUSTER_NODES`).
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn cli(port: u16, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn alive(&self) -> impl Iterator<Item = &ClusterNode> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.lock().unwrap().is_some())
+    }
+
+    /// Waits until every live node says the cluster is ok and agrees on 3 masters with
+    /// every slot served.
+    pub fn wait_until_ok(&self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        loop {
+            let ok = self.alive().all(|n| {
+                Self::cli(n.port, &["cluster", "info"])
+                    .is_some_and(|info| info.contains("cluster_state:ok"))
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < until, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The port of the master serving `key` now.
+    pub fn master_of(&self, key: &str) -> u16 {
+        self.find_master_of(key)
+            .unwrap_or_else(|| panic!("no master serves {key}"))
+    }
+
+    /// Waits until a master other than `old` serves `key` (a failover), and the cluster is
+    /// ok again.
+    pub fn wait_for_failover(&self, key: &str, old: u16, deadline: Duration) -> u16 {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(port) = self.find_master_of(key).filter(|&p| p != old) {
+                self.wait_until_ok(until.saturating_duration_since(Instant::now()));
+                return port;
+            }
+            assert!(
+                Instant::now() < until,
+                "no failover of {key} away from {old}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn find_master_of(&self, key: &str) -> Option<u16> {
+        let port = self.alive().next().expect("a live node").port;
+        let slot: u16 = Self::cli(port, &["cluster", "keyslot", key])
+            .and_then(|s| s.trim().parse().ok())
+            .expect("CLUSTER KEYSLOT");
+        let nodes = Self::cli(port, &["cluster", "nodes"]).expect("CLUSTER NODES");
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let mut bounds = range.split('-').map(|b| b.parse::<u16>().ok());
+                match (bounds.next().flatten(), bounds.next()) {
+                    (Some(low), Some(Some(high))) => (low..=high).contains(&slot),
+                    (Some(only), None) => only == slot,
+                    _ => false,
+                }
+            });
+            if serves {
+                let address = fields[1].split('@').next().unwrap_or_default();
+                return address.rsplit(':').next().and_then(|p| p.parse().ok());
+            }
+        }
+        None
+    }
+
+    /// The port of a replica of the master on `master`.
+    pub fn replica_of(&self, master: u16) -> u16 {
+        let id = Self::cli(master, &["cluster", "myid"]).expect("CLUSTER MYID");
+        let replicas = Self::cli(master, &["cluster", "replicas", id.trim()]).expect("REPLICAS");
+        replicas
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .filter_map(|address| address.split('@').next()?.rsplit(':').next()?.parse().ok())
+            .next()
+            .expect("a replica")
+    }
+
+    fn node(&self, port: u16) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster")
+    }
+
+    fn signal(&self, port: u16, signal: &str) {
+        if let Some(child) = self.node(port).child.lock().unwrap().as_ref() {
+            run(Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string()));
+        }
+    }
+
+    /// Kills a node for good.
+    pub fn kill(&self, port: u16) {
+        if let Some(mut child) = self.node(port).child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the node neither answers nor replicates.
+    pub fn freeze(&self, port: u16) {
+        self.signal(port, "STOP");
+    }
+
+    pub fn thaw(&self, port: u16) {
+        self.signal(port, "CONT");
+    }
+}

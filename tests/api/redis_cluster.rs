@@ -1,0 +1,218 @@
+//! Redis Cluster (`REDIS_CLUSTER_NODES`): the service on a private 3-master, 3-replica
+//! cluster; every read and write path, a master killed under load, and an invalidation that
+//! a failover lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::servers::RedisCluster;
+use crate::support::{Spawn, TestApp, eventually, header};
+
+async fn cluster_app(cluster: &RedisCluster) -> TestApp {
+    Spawn::default()
+        .var("REDIS_CLUSTER_NODES", cluster.seeds())
+        .var("REDIS_TIMEOUT_MS", 1000)
+        .start()
+        .await
+}
+
+/// A command on the cluster, through a cluster client (routed by its key).
+async fn cluster_cmd<T: redis::FromRedisValue>(cluster: &RedisCluster, args: &[&str]) -> T {
+    let nodes: Vec<String> = cluster.seeds().split(',').map(str::to_owned).collect();
+    let client = redis::cluster::ClusterClient::new(nodes).expect("cluster client");
+    let mut conn = client
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+async fn version_of(response: reqwest::Response) -> i64 {
+    let body: Value = response.json().await.unwrap();
+    body["version"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn every_read_and_write_path_works_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let app = cluster_app(&cluster).await;
+    // Enough ids to land on every master.
+    let ids = app.insert_items(30).await;
+
+    for &id in &ids {
+        assert_eq!(header(&app.get_item(id).await, "x-cache"), "MISS");
+    }
+    for &id in &ids {
+        assert_eq!(header(&app.get_item(id).await, "x-cache"), "HIT");
+    }
+    let entry: Option<String> = cluster_cmd(
+        &cluster,
+        &["GET", &format!("{}item:{{{}}}", app.prefix, ids[0])],
+    )
+    .await;
+    assert!(entry.is_some(), "entries carry the id as hash tag");
+
+    // A batch over many slots: one answer, all hits; and with cold ids, filled per slot.
+    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    let batch = app.get(&format!("/items?ids={}", list.join(","))).await;
+    assert_eq!(batch.status(), 200);
+    assert_eq!(header(&batch, "x-cache"), "HIT");
+    let more = app.insert_items(20).await;
+    let list: Vec<String> = more.iter().map(i64::to_string).collect();
+    let path = format!("/items?ids={}", list.join(","));
+    assert_eq!(header(&app.get(&path).await, "x-cache"), "MISS");
+    let batch = app.get(&path).await;
+    assert_eq!(header(&batch, "x-cache"), "HIT");
+    let body: Value = batch.json().await.unwrap();
+    assert_eq!(body["items"].as_array().unwrap().len(), 20);
+
+    // A write through the API, and one behind its back (the change feed).
+    let patched = app.patch_item(ids[0], &json!({"price_cents": 777})).await;
+    assert_eq!(patched.status(), 200);
+    assert_eq!(version_of(app.get_item(ids[0]).await).await, 2);
+    app.sql(&format!(
+        "UPDATE items SET price_cents = 5 WHERE id = {}",
+        ids[1]
+    ))
+    .await;
+    eventually(
+        "the feed's invalidation",
+        Duration::from_secs(10),
+        || async {
+            let body: Value = app.get_item(ids[1]).await.json().await.ok()?;
+            (body["price_cents"] == 5).then_some(())
+        },
+    )
+    .await;
+
+    // Lookups by name, and a rename moving an item out of one.
+    let a = app.create_item("cluster-chair", 1).await["id"]
+        .as_i64()
+        .unwrap();
+    let b = app.create_item("cluster-chair", 2).await["id"]
+        .as_i64()
+        .unwrap();
+    for expected in ["MISS", "HIT"] {
+        let found = app.get("/items?name=cluster-chair").await;
+        assert_eq!(header(&found, "x-cache"), expected);
+        let body: Value = found.json().await.unwrap();
+        assert_eq!(body["items"].as_array().unwrap().len(), 2);
+    }
+    app.patch_item(a, &json!({"name": "cluster-table"})).await;
+    let body: Value = app
+        .get("/items?name=cluster-chair")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items: Vec<i64> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(items, vec![b]);
+
+    // A truncate: every copy of the flush token replaced, every entry on every master gone.
+    app.sql("TRUNCATE items").await;
+    eventually("the truncate's flush", Duration::from_secs(15), || async {
+        let mut all_gone = true;
+        for &id in ids.iter().chain(&more) {
+            all_gone &= app.get_item(id).await.status() == 404;
+        }
+        all_gone.then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_master_killed_under_reads_and_writes_costs_no_5xx_and_the_service_follows_the_new_topology()
+ {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .unwrap(),
+    );
+    let app = Arc::new(cluster_app(&cluster).await);
+    let ids = app.insert_items(20).await;
+    for &id in &ids {
+        app.get_item(id).await;
+    }
+
+    // Reads and writes of every id, until told to stop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (app, ids, stop) = (app.clone(), ids.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = ids[n % ids.len()];
+                let response = if n.is_multiple_of(5) {
+                    app.patch_item(id, &json!({"price_cents": n})).await
+                } else {
+                    app.get_item(id).await
+                };
+                statuses.push(response.status().as_u16());
+                n += 1;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let key = format!("{}item:{{{}}}", app.prefix, ids[0]);
+    let victim = cluster.master_of(&key);
+    cluster.kill(victim);
+    {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            cluster.wait_for_failover(&key, victim, Duration::from_secs(30))
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = load.await.unwrap();
+    assert!(statuses.len() > 50, "the load ran: {}", statuses.len());
+    assert!(
+        statuses.iter().all(|s| (200..300).contains(s)),
+        "no error while a master failed over: {:?}",
+        statuses
+            .iter()
+            .filter(|s| !(200..300).contains(*s))
+            .collect::<Vec<_>>()
+    );
+
+    // The service follows the new topology: the failed-over slots cache again, and every
+    // read answers the last write.
+    eventually(
+        "hits on the new master",
+        Duration::from_secs(15),
+        || async {
+            app.get_item(ids[0]).await;
+            (header(&app.get_item(ids[0]).await, "x-cache") == "HIT").then_some(())
+        },
+    )
+    .await;
+    for &id in &ids {
+        let cached: Value = app.get_item(id).await.json().await.unwrap();
+        let truth: Value = app
+            .get(&format!("/items?ids={id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(cached["version"], truth["items"][0]["version"], "id {id}");
+    }
+}
