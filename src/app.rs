@@ -14,7 +14,7 @@ use crate::cache::{Cache, Connections, Factory, Keys};
 use crate::config::Settings;
 use crate::db::replicas::Replicas;
 use crate::db::{self, DbSetupError};
-use crate::feed::{Feed, Follower};
+use crate::feed::{Feed, Follower, replay};
 use crate::http::{self, AppState};
 use crate::items::repo::ItemRepo;
 use crate::items::service::ItemService;
@@ -107,7 +107,11 @@ impl Application {
             service: ItemService::new(repo, cache, &settings),
             write_token: settings.write_token.clone(),
             metrics,
-            feed: Feed::default(),
+            feed: if settings.redis_cluster_nodes.is_empty() {
+                Feed::default()
+            } else {
+                Feed::keeping_recent()
+            },
         });
         let listener =
             TcpListener::bind(settings.listen_addr).map_err(|cause| StartupError::Bind {
@@ -152,6 +156,13 @@ impl Application {
             feed: self.state.feed.clone(),
         };
         let feed = tokio::spawn(follower.run(stop_rx.clone()));
+        let failovers = self.state.feed.recent().cloned().map(|recent| {
+            tokio::spawn(replay::watch_failovers(
+                self.state.service.clone(),
+                recent,
+                stop_rx.clone(),
+            ))
+        });
         let replicas = tokio::spawn(self.state.service.track_replicas(stop_rx));
         let handle = self.server.handle();
         tokio::spawn(async move {
@@ -164,6 +175,9 @@ impl Application {
         let _ = upkeep.await;
         let _ = invalidations.await;
         let _ = feed.await;
+        if let Some(failovers) = failovers {
+            let _ = failovers.await;
+        }
         let _ = replicas.await;
         self.state.service.close();
         served

@@ -117,6 +117,43 @@ pub fn master_routes(shards: &Value) -> Vec<RoutingInfo> {
     routes
 }
 
+/// Each shard's first slot and its master's node id, from a `CLUSTER SHARDS` reply, sorted:
+/// a different list means a failover (or a resharding).
+pub fn masters(shards: &Value) -> Vec<(i64, String)> {
+    let mut masters = Vec::new();
+    let Value::Array(shards) = shards else {
+        return masters;
+    };
+    for shard in shards {
+        let first = match field(shard, "slots") {
+            Some(Value::Array(bounds)) => bounds.first().and_then(as_int),
+            _ => None,
+        };
+        let Some(first) = first else {
+            continue;
+        };
+        let Some(Value::Array(nodes)) = field(shard, "nodes") else {
+            continue;
+        };
+        let master = nodes.iter().find_map(|node| {
+            let is_master = field(node, "role").is_some_and(|role| is_name(role, "master"));
+            let healthy = field(node, "health").is_none_or(|health| is_name(health, "online"));
+            match field(node, "id") {
+                Some(Value::BulkString(id)) if is_master && healthy => {
+                    Some(String::from_utf8_lossy(id).into_owned())
+                }
+                Some(Value::SimpleString(id)) if is_master && healthy => Some(id.clone()),
+                _ => None,
+            }
+        });
+        if let Some(master) = master {
+            masters.push((first, master));
+        }
+    }
+    masters.sort();
+    masters
+}
+
 /// A field of a RESP2 flat key-value array or a RESP3 map.
 fn field<'a>(value: &'a Value, name: &str) -> Option<&'a Value> {
     match value {

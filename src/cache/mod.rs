@@ -500,6 +500,17 @@ impl Cache {
         }
     }
 
+    /// The cluster's masters: `(first slot, node id)` of each shard, sorted.
+    pub async fn cluster_masters(&self) -> Result<Vec<(i64, String)>, CacheError> {
+        let shards = self
+            .run(
+                CacheOp::Feed,
+                &::redis::cmd("CLUSTER").arg("SHARDS").to_owned(),
+            )
+            .await?;
+        Ok(cluster::masters(&shards))
+    }
+
     /// [`Cache::unlink_matching`] on every master of the cluster (`SCAN` sees one node).
     async fn unlink_matching_on_masters(&self, pattern: &str) -> Result<usize, CacheError> {
         let shards = self

@@ -18,6 +18,7 @@
 //! queue is not. `docs/cache-design.md` ("The change feed") gives the guarantees and bounds.
 
 pub mod changes;
+pub mod replay;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -86,16 +87,20 @@ impl From<diesel::result::Error> for FeedError {
     }
 }
 
-/// The follower's state, shared with `/readyz`: an index into [`FollowerState::ALL`].
+/// The follower's state, shared with `/readyz`: an index into [`FollowerState::ALL`]; and
+/// with a Redis Cluster, the changes applied lately, for a replay after a failover
+/// ([`replay`]).
 #[derive(Clone)]
 pub struct Feed {
     state: Arc<AtomicU8>,
+    recent: Option<replay::SharedRecent>,
 }
 
 impl Default for Feed {
     fn default() -> Self {
         Feed {
             state: Arc::new(AtomicU8::new(index_of(FollowerState::Down))),
+            recent: None,
         }
     }
 }
@@ -108,6 +113,19 @@ fn index_of(state: FollowerState) -> u8 {
 }
 
 impl Feed {
+    /// A feed that keeps the changes it applies for a replay (with a Redis Cluster).
+    pub fn keeping_recent() -> Feed {
+        Feed {
+            recent: Some(Default::default()),
+            ..Feed::default()
+        }
+    }
+
+    /// The changes applied lately, if kept.
+    pub fn recent(&self) -> Option<&replay::SharedRecent> {
+        self.recent.as_ref()
+    }
+
     pub fn state(&self) -> FollowerState {
         let index = usize::from(self.state.load(Ordering::Relaxed));
         FollowerState::ALL
@@ -222,6 +240,12 @@ impl Follower {
             if let Err(e) = self.service.apply_changes(&changed, truncated).await {
                 tracing::debug!(error = %crate::report::chain(&e), "change feed: Redis refused the changes; retrying");
                 return Ok(Drained::CacheFailed);
+            }
+            if let Some(recent) = self.feed.recent() {
+                recent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .applied(&changed, truncated);
             }
             let now = chrono::Utc::now();
             for change in &batch {

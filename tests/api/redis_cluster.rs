@@ -216,3 +216,61 @@ async fn a_master_killed_under_reads_and_writes_costs_no_5xx_and_the_service_fol
         assert_eq!(cached["version"], truth["items"][0]["version"], "id {id}");
     }
 }
+
+#[tokio::test]
+async fn an_invalidation_that_a_failover_lost_is_applied_again() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .unwrap(),
+    );
+    let app = cluster_app(&cluster).await;
+    let id = app.create_item("replayed", 100).await["id"]
+        .as_i64()
+        .unwrap();
+    app.get_item(id).await;
+    assert_eq!(header(&app.get_item(id).await, "x-cache"), "HIT");
+    let key = format!("{}item:{{{id}}}", app.prefix);
+    let master = cluster.master_of(&key);
+    let replica = cluster.replica_of(master);
+    // Let the replica have the cached v1, then stop it and cut its link: what the master
+    // takes from now on (the write's invalidation) never reaches it. (A frozen replica alone
+    // is not enough: its socket still receives, and it reads that on waking.)
+    eventually("v1 on the replica", Duration::from_secs(10), || async {
+        cluster
+            .value_on(replica, &key)
+            .filter(|v| v.starts_with("I1 "))
+    })
+    .await;
+    cluster.freeze(replica);
+    cluster.cut_replication(master);
+    let patched = app.patch_item(id, &json!({"price_cents": 200})).await;
+    assert_eq!(patched.status(), 200);
+    app.settle_feed().await;
+    // The master dies with the invalidation; the replica, which never had it, takes over
+    // and still holds v1 under the old stamp.
+    cluster.kill(master);
+    cluster.thaw(replica);
+    {
+        let cluster = cluster.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || {
+            cluster.wait_for_failover(&key, master, Duration::from_secs(30))
+        })
+        .await
+        .unwrap();
+    }
+    let before: Option<String> = cluster_cmd(&cluster, &["GET", &key]).await;
+    assert!(
+        before.is_some_and(|entry| entry.starts_with("I1 ")),
+        "the new master holds v1: the invalidation was lost"
+    );
+    // The feed's replay applies the write's invalidation again on the new master.
+    eventually("v2 from the cache", Duration::from_secs(15), || async {
+        let read = app.get_item(id).await;
+        let cache = header(&read, "x-cache");
+        let body: Value = read.json().await.ok()?;
+        (body["version"] == 2 && cache == "HIT").then_some(())
+    })
+    .await;
+}

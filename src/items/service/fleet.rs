@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::{ItemService, Loaded, item_of, now_ms};
 use crate::cache::lease::LEASE_WAIT;
-use crate::cache::{LeaseToken, Stamp};
+use crate::cache::{CacheError, LeaseToken, Stamp};
 use crate::items::model::ItemId;
 use crate::metrics::{self, LeaseOutcome};
 
@@ -22,6 +22,12 @@ const POLL_FIRST: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(25);
 
 impl ItemService {
+    /// With a Redis Cluster, its masters now: `(first slot, node id)` of each shard, sorted
+    /// (`feed::replay` compares them to see a failover).
+    pub async fn cluster_masters(&self) -> Result<Vec<(i64, String)>, CacheError> {
+        self.inner.cache.cluster_masters().await
+    }
+
     /// Takes the leases on `ids` that are free, loads and fills those, and meanwhile waits
     /// for the fills of the others; ids whose wait ends without a fill are loaded here too.
     /// Redis failing: every id is loaded here, as without leases.

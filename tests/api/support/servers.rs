@@ -340,6 +340,9 @@ impl RedisCluster {
                         // which a replica made moments ago can already be counted as).
                         "--cluster-replica-validity-factor",
                         "0",
+                        // Sync replicas at once, not after the default 5 s wait for more.
+                        "--repl-diskless-sync-delay",
+                        "0",
                         "--dir",
                         dir.to_str().expect("utf-8 temp dir"),
                         "--save",
@@ -472,6 +475,30 @@ impl RedisCluster {
             }
         }
         None
+    }
+
+    /// What the node on `port` (a replica too) holds under `key`.
+    pub fn value_on(&self, port: u16, key: &str) -> Option<String> {
+        use std::io::Write;
+        let mut cli = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .ok()?;
+        let mut stdin = cli.stdin.take()?;
+        writeln!(stdin, "READONLY\nGET {key}").ok()?;
+        drop(stdin);
+        let out = cli.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let value = text.lines().nth(1)?.trim().to_owned();
+        (!value.is_empty()).then_some(value)
+    }
+
+    /// Closes the master's replication links: what it takes next reaches no replica until
+    /// they reconnect (a frozen replica cannot).
+    pub fn cut_replication(&self, master: u16) {
+        Self::cli(master, &["client", "kill", "type", "replica"]).expect("CLIENT KILL");
     }
 
     /// The port of a replica of the master on `master`.
