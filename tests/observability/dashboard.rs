@@ -338,6 +338,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         targets.len(),
         failures.join("\n")
     );
+    nines_are_finite_and_capped(&prometheus, &dashboard, &instances).await;
 
     // The alert rules, evaluated every second over the same data: none may error.
     let rules = eventually(
@@ -374,6 +375,50 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         "dashboard: {} queries ok after {round} traffic rounds, {:.1} s",
         targets.len(),
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// The nines of consistency per instance, as the dashboard computes them: finite on both
+/// instances, though the second found no stale hit (its share is 0, −log10 of which is
+/// infinite): there they are log10(checks / 3), the most the sample supports; on the first,
+/// which found the planted one, positive and no more than that.
+async fn nines_are_finite_and_capped(
+    prometheus: &Prometheus,
+    dashboard: &Value,
+    instances: &[String],
+) {
+    const TITLE: &str = "Nines of consistency by instance (trailing hour)";
+    let target = targets(dashboard)
+        .into_iter()
+        .find(|t| t.panel.contains(&format!("{TITLE:?}")))
+        .unwrap_or_else(|| panic!("no panel {TITLE:?}"));
+    let nines = substitute(&target.expr).unwrap();
+    let cap = "log10(sum by (instance) (increase(itemcache_consistency_checks_total[1h])) / 3)";
+    // One query for both, so that they are evaluated at the same instant.
+    let result = prometheus
+        .query(&format!(
+            "label_replace({nines}, \"of\", \"nines\", \"\", \"\") \
+             or label_replace({cap}, \"of\", \"cap\", \"\", \"\")"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n    {nines}"));
+    let value = |instance: &str, of: &str| {
+        result
+            .iter()
+            .find(|r| r["metric"]["instance"] == instance && r["metric"]["of"] == of)
+            .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {of} for {instance} in {}", Value::from(result.clone())))
+    };
+    let (first, second) = (&instances[0], &instances[1]);
+    let (nines_1, cap_1) = (value(first, "nines"), value(first, "cap"));
+    let (nines_2, cap_2) = (value(second, "nines"), value(second, "cap"));
+    assert!(
+        nines_2.is_finite() && nines_2 > 0.0 && (nines_2 - cap_2).abs() < 1e-9,
+        "no stale hit on {second}: nines {nines_2}, want log10(checks / 3) = {cap_2}"
+    );
+    assert!(
+        nines_1.is_finite() && nines_1 > 0.0 && nines_1 <= cap_1 + 1e-9,
+        "a stale hit on {first}: nines {nines_1}, want in (0, {cap_1}]"
     );
 }
 
