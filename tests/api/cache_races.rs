@@ -4,14 +4,14 @@
 //! old row from Postgres and is about to fill the cache when the write commits.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use itemcache::failpoints::{self, Armed};
 use serde_json::{Value, json};
 
 use crate::support::proxy::SlowProxy;
-use crate::support::{Spawn, TestApp, header, spawn_app};
+use crate::support::{Spawn, TestApp, header, spawn_app, staleness};
 
 /// Arms the pause between Postgres read and cache fill for `id` in `app`'s key space.
 fn pause_before_fill(app: &TestApp, id: i64) -> Armed {
@@ -239,167 +239,35 @@ async fn an_eviction_during_a_read_leaves_no_entry_behind() {
     assert_eq!(header(&app.get_item(id).await, "x-cache"), "MISS");
 }
 
-/// Versions of one id written behind the service's back, with when each was acknowledged.
-type ExternalWrites = std::sync::Mutex<Vec<(Instant, i64)>>;
-
 /// Concurrent writers, readers and evictions over a few hot ids, on two instances sharing
 /// one Redis, and a writer behind the service's back (plain SQL): no read that started
 /// after a write's acknowledgement returns an older version — for the external writer's
 /// writes, once the change feed's lag bound has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_random_concurrent_writes_no_read_goes_back_in_time() {
-    const HOT_IDS: usize = 3;
-    // The change feed's bound for writes made outside the service (docs/cache-design.md):
-    // a NOTIFY wakes it at once; its slow timer reads the queue every second.
-    const EXTERNAL_LAG: Duration = Duration::from_secs(1);
-    const RUN_FOR: Duration = Duration::from_secs(4);
-    let a = Arc::new(spawn_app().await);
-    let b = Arc::new(a.another_instance().await);
+    let a = spawn_app().await;
+    let b = a.another_instance().await;
     let mut ids = Vec::new();
-    for n in 0..HOT_IDS {
+    for n in 0..3 {
         ids.push(
             a.create_item(&format!("hot {n}"), 0).await["id"]
                 .as_i64()
                 .unwrap(),
         );
     }
-    let ids = Arc::new(ids);
-    // The highest version acknowledged to any writer, per id.
-    let acked: Arc<Vec<AtomicI64>> = Arc::new((0..HOT_IDS).map(|_| AtomicI64::new(1)).collect());
-    let stop = Arc::new(AtomicBool::new(false));
-    let counts = Arc::new([
-        AtomicUsize::new(0), // writes
-        AtomicUsize::new(0), // reads
-        AtomicUsize::new(0), // hits
-        AtomicUsize::new(0), // evictions
-    ]);
-    let violations = Arc::new(AtomicUsize::new(0));
-    // Versions written behind the service's back (plain SQL, as psql would), with when
-    // each was acknowledged: the change feed applies them within EXTERNAL_LAG.
-    let external: Arc<Vec<ExternalWrites>> =
-        Arc::new((0..HOT_IDS).map(|_| Default::default()).collect());
-
-    let mut tasks = Vec::new();
-    {
-        let (a, ids, stop, external) = (a.clone(), ids.clone(), stop.clone(), external.clone());
-        tasks.push(tokio::spawn(async move {
-            #[derive(diesel::QueryableByName)]
-            struct Written {
-                #[diesel(sql_type = diesel::sql_types::BigInt)]
-                version: i64,
-            }
-            let mut conn = a.backends.connect(&a.database).await;
-            let mut n = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let slot = n % HOT_IDS;
-                let written: Written = diesel_async::RunQueryDsl::get_result(
-                    diesel::sql_query(format!(
-                        "UPDATE items SET description = 'external {n}' WHERE id = {} RETURNING version",
-                        ids[slot]
-                    )),
-                    &mut conn,
-                )
-                .await
-                .unwrap();
-                external[slot]
-                    .lock()
-                    .unwrap()
-                    .push((Instant::now(), written.version));
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }));
-    }
-    for worker in 0..12usize {
-        let (a, b, ids, acked, stop, counts, violations, external) = (
-            a.clone(),
-            b.clone(),
-            ids.clone(),
-            acked.clone(),
-            stop.clone(),
-            counts.clone(),
-            violations.clone(),
-            external.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut n = worker;
-            while !stop.load(Ordering::Relaxed) {
-                n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let slot = (n >> 33) % HOT_IDS;
-                let id = ids[slot];
-                let app = if (n >> 40) % 2 == 0 { &a } else { &b };
-                match worker % 6 {
-                    // Two writers in six tasks.
-                    0 | 1 => {
-                        let response = app.patch_item(id, &json!({"price_cents": (n >> 20) % 1000})).await;
-                        assert_eq!(response.status(), 200);
-                        let version = version_of(response).await;
-                        acked[slot].fetch_max(version, Ordering::SeqCst);
-                        counts[0].fetch_add(1, Ordering::Relaxed);
-                    }
-                    // One evicter.
-                    2 => {
-                        assert_eq!(app.evict(id).await.status(), 204);
-                        counts[3].fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    // Three readers.
-                    _ => {
-                        let started = Instant::now();
-                        let external_floor = external[slot]
-                            .lock()
-                            .unwrap()
-                            .iter()
-                            .filter(|(at, _)| *at + EXTERNAL_LAG <= started)
-                            .map(|(_, version)| *version)
-                            .max()
-                            .unwrap_or(0);
-                        let floor = acked[slot].load(Ordering::SeqCst).max(external_floor);
-                        let response = app.get_item(id).await;
-                        assert_eq!(response.status(), 200);
-                        if header(&response, "x-cache") == "HIT" {
-                            counts[2].fetch_add(1, Ordering::Relaxed);
-                        }
-                        let version = version_of(response).await;
-                        if version < floor {
-                            violations.fetch_add(1, Ordering::SeqCst);
-                            eprintln!("id {id}: read version {version} after version {floor} was acknowledged");
-                        }
-                        counts[1].fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(RUN_FOR).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let [writes, reads, hits, evictions] = [0, 1, 2, 3].map(|i| counts[i].load(Ordering::Relaxed));
-    eprintln!(
-        "stress: {writes} writes, {reads} reads ({hits} hits), {evictions} evictions in {:.1} s; {} stale reads",
-        started.elapsed().as_secs_f64(),
-        violations.load(Ordering::SeqCst)
-    );
+    let report = staleness::check(
+        &a,
+        &[a.address.clone(), b.address.clone()],
+        &ids,
+        Duration::from_secs(4),
+    )
+    .await;
     assert!(
-        writes > 20 && reads > 50 && hits > 0,
-        "the stress did real work"
+        report.writes > 20 && report.reads > 50 && report.hits > 0,
+        "the stress did real work: {report:?}"
     );
     assert_eq!(
-        violations.load(Ordering::SeqCst),
-        0,
+        report.stale, 0,
         "a read returned a version older than an acknowledged write"
     );
-    // And at rest, both instances agree with Postgres (once the feed has applied the
-    // last external write).
-    tokio::time::sleep(EXTERNAL_LAG).await;
-    for (slot, &id) in ids.iter().enumerate() {
-        let external = external[slot].lock().unwrap().last().map_or(0, |w| w.1);
-        let expected = acked[slot].load(Ordering::SeqCst).max(external);
-        for app in [&a, &b] {
-            assert_eq!(version_of(app.get_item(id).await).await, expected);
-        }
-    }
 }

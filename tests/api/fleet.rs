@@ -2,11 +2,13 @@
 //! (behaviour 8), and how leases compose with the write stamps and with dead holders.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::cache_races::reader_paused_before_fill;
-use crate::support::{Spawn, TestApp, header};
+use crate::support::servers::{NginxServer, RedisCluster};
+use crate::support::{Spawn, TestApp, header, staleness};
 
 /// Three instances of one app (same database, Redis and key prefix).
 async fn three_instances(app: TestApp) -> Vec<Arc<TestApp>> {
@@ -131,4 +133,70 @@ async fn a_failed_load_releases_its_lease() {
     );
     app.sql("ALTER TABLE items_gone RENAME TO items").await;
     assert_eq!(app.get_item(id).await.status(), 200);
+}
+
+/// The fleet as deployed: three instances on a Redis Cluster behind nginx
+/// (`deploy/nginx.conf`). The staleness checker writes and reads through nginx and through
+/// each instance directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_nginx_and_each_instance_of_a_fleet_on_a_cluster_no_read_goes_back_in_time() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let app = Spawn::default()
+        .var("REDIS_CLUSTER_NODES", cluster.seeds())
+        .start()
+        .await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(
+            app.create_item(&format!("fleet {n}"), 0).await["id"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    let fleet = three_instances(app).await;
+    let ports: Vec<u16> = fleet.iter().map(|i| i.port).collect();
+    let nginx = tokio::task::spawn_blocking(move || NginxServer::start(&ports))
+        .await
+        .unwrap();
+
+    // nginx passes the client's request id through, and makes one when there is none.
+    let client = reqwest::Client::new();
+    let traced = client
+        .get(format!("{}/items/{}", nginx.url(), ids[0]))
+        .header("x-request-id", "fleet-trace-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.status(), 200);
+    assert_eq!(header(&traced, "x-request-id"), "fleet-trace-1");
+    let untraced = client
+        .get(format!("{}/items/{}", nginx.url(), ids[0]))
+        .send()
+        .await
+        .unwrap();
+    assert!(!header(&untraced, "x-request-id").is_empty());
+
+    let mut endpoints = vec![nginx.url()];
+    endpoints.extend(fleet.iter().map(|i| i.address.clone()));
+    let report = staleness::check(&fleet[0], &endpoints, &ids, Duration::from_secs(4)).await;
+    assert!(
+        report.writes > 20 && report.reads > 50 && report.hits > 0,
+        "the checker did real work: {report:?}"
+    );
+    assert_eq!(report.stale, 0, "no read older than an acknowledged write");
+
+    // An instance gone: nginx sends its requests to the others (passive health checks),
+    // and no client sees an error.
+    let mut fleet = fleet;
+    drop(fleet.pop());
+    for _ in 0..30 {
+        let response = client
+            .get(format!("{}/items/{}", nginx.url(), ids[1]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod proxy;
 pub mod servers;
+pub mod staleness;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -545,3 +545,63 @@ impl RedisCluster {
         self.signal(port, "CONT");
     }
 }
+
+/// A private nginx in front of instances (`deploy/nginx.conf`, rendered for them by
+/// `deploy/render-nginx-conf`), on a free port.
+pub struct NginxServer {
+    pub port: u16,
+    child: Mutex<Child>,
+    _guardian: Child,
+}
+
+impl NginxServer {
+    pub fn start(instances: &[u16]) -> NginxServer {
+        let dir = scratch_dir("nginx");
+        let port = free_port();
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        let mut render = Command::new(deploy.join("render-nginx-conf"));
+        render.arg(format!("127.0.0.1:{port}"));
+        for instance in instances {
+            render.arg(format!("127.0.0.1:{instance}"));
+        }
+        let rendered = render.output().expect("deploy/render-nginx-conf runs");
+        assert!(rendered.status.success(), "render-nginx-conf failed");
+        std::fs::write(dir.join("nginx.conf"), rendered.stdout).expect("nginx.conf written");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(format!("{}/", dir.display()))
+            .args(["-c", "nginx.conf", "-e", "stderr", "-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nginx is installed; scripts/test installs it");
+        let guardian = guardian(&format!(
+            "kill -TERM {0}; sleep 1; kill -9 {0} 2>/dev/null; rm -rf {1}",
+            child.id(),
+            dir.display()
+        ));
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "nginx on {port} did not start"
+        );
+        NginxServer {
+            port,
+            child: Mutex::new(child),
+            _guardian: guardian,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NginxServer {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap();
+        // nginx's master stops its workers on SIGQUIT/SIGTERM; SIGKILL would orphan them.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+}

@@ -1,0 +1,201 @@
+//! The staleness checker: concurrent writers, readers and evictions over a few hot ids,
+//! spread over several endpoints (instances, a load balancer in front of them), and a writer
+//! behind the service's back (plain SQL, as psql would). It counts every read that started
+//! after a write's acknowledgement and returned an older version — for the external
+//! writer's writes, once the change feed's lag bound has passed.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{TestApp, header};
+
+/// The change feed's bound for writes made outside the service (docs/cache-design.md): a
+/// NOTIFY wakes it at once; its slow timer reads the queue every second.
+pub const EXTERNAL_LAG: Duration = Duration::from_secs(1);
+
+/// What a run did and found.
+#[derive(Debug)]
+pub struct Report {
+    pub writes: usize,
+    pub reads: usize,
+    pub hits: usize,
+    pub evictions: usize,
+    pub stale: usize,
+}
+
+/// Versions written behind the service's back, with when each was acknowledged.
+type ExternalWrites = Mutex<Vec<(Instant, i64)>>;
+
+async fn version_of(response: reqwest::Response) -> i64 {
+    let body: Value = response.json().await.unwrap();
+    body["version"].as_i64().unwrap()
+}
+
+/// Runs the checker for `run_for` over `ids` (existing items, at version 1) through
+/// `endpoints` (base URLs); `app` gives the database for the external writer. Afterwards,
+/// once the feed has applied the last external write, every endpoint must answer every
+/// id's last version.
+pub async fn check(app: &TestApp, endpoints: &[String], ids: &[i64], run_for: Duration) -> Report {
+    let client = reqwest::Client::new();
+    let endpoints = Arc::new(endpoints.to_vec());
+    let ids = Arc::new(ids.to_vec());
+    let hot = ids.len();
+    // The highest version acknowledged to any writer, per id.
+    let acked: Arc<Vec<AtomicI64>> = Arc::new((0..hot).map(|_| AtomicI64::new(1)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    // writes, reads, hits, evictions, stale reads
+    let counts: Arc<[AtomicUsize; 5]> = Arc::new(Default::default());
+    let external: Arc<Vec<ExternalWrites>> =
+        Arc::new((0..hot).map(|_| Default::default()).collect());
+
+    let mut tasks = Vec::new();
+    {
+        let (ids, stop, external) = (ids.clone(), stop.clone(), external.clone());
+        let mut conn = app.backends.connect(&app.database).await;
+        tasks.push(tokio::spawn(async move {
+            #[derive(diesel::QueryableByName)]
+            struct Written {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                version: i64,
+            }
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let slot = n % hot;
+                let written: Written = diesel_async::RunQueryDsl::get_result(
+                    diesel::sql_query(format!(
+                        "UPDATE items SET description = 'external {n}' WHERE id = {} RETURNING version",
+                        ids[slot]
+                    )),
+                    &mut conn,
+                )
+                .await
+                .unwrap();
+                external[slot]
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), written.version));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    for worker in 0..12usize {
+        let (client, endpoints, ids, acked, stop, counts, external) = (
+            client.clone(),
+            endpoints.clone(),
+            ids.clone(),
+            acked.clone(),
+            stop.clone(),
+            counts.clone(),
+            external.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut n = worker;
+            while !stop.load(Ordering::Relaxed) {
+                n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let slot = (n >> 33) % hot;
+                let id = ids[slot];
+                let base = &endpoints[(n >> 40) % endpoints.len()];
+                match worker % 6 {
+                    // Two writers in six tasks.
+                    0 | 1 => {
+                        let response = client
+                            .patch(format!("{base}/items/{id}"))
+                            .json(&json!({"price_cents": (n >> 20) % 1000}))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(response.status(), 200, "PATCH via {base}");
+                        let version = version_of(response).await;
+                        acked[slot].fetch_max(version, Ordering::SeqCst);
+                        counts[0].fetch_add(1, Ordering::Relaxed);
+                    }
+                    // One evicter.
+                    2 => {
+                        let response = client
+                            .delete(format!("{base}/cache/items/{id}"))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(response.status(), 204, "eviction via {base}");
+                        counts[3].fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    // Three readers.
+                    _ => {
+                        let started = Instant::now();
+                        let external_floor = external[slot]
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .filter(|(at, _)| *at + EXTERNAL_LAG <= started)
+                            .map(|(_, version)| *version)
+                            .max()
+                            .unwrap_or(0);
+                        let floor = acked[slot].load(Ordering::SeqCst).max(external_floor);
+                        let response = client
+                            .get(format!("{base}/items/{id}"))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(response.status(), 200, "GET via {base}");
+                        if header(&response, "x-cache") == "HIT" {
+                            counts[2].fetch_add(1, Ordering::Relaxed);
+                        }
+                        let version = version_of(response).await;
+                        if version < floor {
+                            counts[4].fetch_add(1, Ordering::SeqCst);
+                            eprintln!(
+                                "id {id} via {base}: read version {version} after version {floor} was acknowledged"
+                            );
+                        }
+                        counts[1].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(run_for).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let [writes, reads, hits, evictions, stale] =
+        [0, 1, 2, 3, 4].map(|i| counts[i].load(Ordering::SeqCst));
+    let report = Report {
+        writes,
+        reads,
+        hits,
+        evictions,
+        stale,
+    };
+    eprintln!(
+        "staleness checker over {} endpoints: {report:?} in {:.1} s",
+        endpoints.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // At rest, every endpoint agrees with Postgres (once the feed has applied the last
+    // external write).
+    tokio::time::sleep(EXTERNAL_LAG).await;
+    for (slot, &id) in ids.iter().enumerate() {
+        let external = external[slot].lock().unwrap().last().map_or(0, |w| w.1);
+        let expected = acked[slot].load(Ordering::SeqCst).max(external);
+        for base in endpoints.iter() {
+            let response = client
+                .get(format!("{base}/items/{id}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                version_of(response).await,
+                expected,
+                "id {id} via {base} at rest"
+            );
+        }
+    }
+    report
+}
