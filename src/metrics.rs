@@ -20,7 +20,7 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "itemcache_http_request_duration
 /// One per id looked up. Label: `result` (hit, miss, stale, bypass).
 pub const CACHE_LOOKUPS_TOTAL: &str = "itemcache_cache_lookups_total";
 /// One Redis round trip. Label: `op` (get, mget, set, delete; ping for `/readyz`, feed for
-/// the change feed).
+/// the change feed, lease for the fleet's leases).
 pub const CACHE_OPERATION_DURATION_SECONDS: &str = "itemcache_cache_operation_duration_seconds";
 /// Redis calls that failed or passed their deadline. Label: `op`.
 pub const CACHE_ERRORS_TOTAL: &str = "itemcache_cache_errors_total";
@@ -124,6 +124,9 @@ pub enum CacheOp {
     /// The change feed's invalidations and flushes: apart from the API's `delete`s, whose
     /// count then stays one per write.
     Feed,
+    /// The fleet's leases (`cache::lease`): taking, polling and releasing them, apart from
+    /// the fills (`set`) and reads (`get`, `mget`) they guard.
+    Lease,
 }
 
 impl CacheOp {
@@ -135,6 +138,7 @@ impl CacheOp {
             CacheOp::Delete => "delete",
             CacheOp::Ping => "ping",
             CacheOp::Feed => "feed",
+            CacheOp::Lease => "lease",
         }
     }
 }
@@ -406,6 +410,7 @@ fn start_at_zero() {
         CacheOp::Delete,
         CacheOp::Ping,
         CacheOp::Feed,
+        CacheOp::Lease,
     ] {
         counter!(CACHE_ERRORS_TOTAL, "op" => op.as_str()).absolute(0);
     }
@@ -432,6 +437,10 @@ fn start_at_zero() {
     }
     gauge!(CHANGE_FEED_BACKLOG).set(0.0);
     record_follower_state(FollowerState::Down);
+    // Registered, so that its series exist (at zero) before the first stale hit: else the
+    // first one would be invisible to `increase()`.
+    #[allow(clippy::disallowed_macros)] // registering, not recording
+    let _ = histogram!(STALENESS_AGE_SECONDS);
 }
 
 fn describe() {
@@ -494,6 +503,11 @@ fn describe() {
     describe_counter!(
         REPLICA_FALLBACKS_TOTAL,
         "Reads that could have used a replica but went to the primary, by reason"
+    );
+    describe_histogram!(
+        STALENESS_AGE_SECONDS,
+        Unit::Seconds,
+        "How long the newer version had been in Postgres when a stale hit was found"
     );
     describe_counter!(
         LEASES_TOTAL,

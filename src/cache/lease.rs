@@ -119,7 +119,7 @@ impl Cache {
                         .arg(token.as_str())
                         .arg(LEASE_TTL.as_millis() as u64)
                         .arg(now_ms);
-                    self.invoke::<Vec<i64>>(CacheOp::Set, &invocation).await
+                    self.invoke::<Vec<i64>>(CacheOp::Lease, &invocation).await
                 },
             )
             .await?;
@@ -142,7 +142,7 @@ impl Cache {
                     invocation.key(self.keys.lease(id));
                 }
                 invocation.arg(token.as_str());
-                self.invoke::<i64>(CacheOp::Delete, &invocation).await?;
+                self.invoke::<i64>(CacheOp::Lease, &invocation).await?;
                 Ok(vec![(); group.len()])
             },
         )
@@ -156,7 +156,7 @@ impl Cache {
         for &id in ids {
             cmd.arg(self.keys.entry(id)).arg(self.keys.lease(id));
         }
-        match self.run(CacheOp::Mget, &cmd).await? {
+        match self.run(CacheOp::Lease, &cmd).await? {
             Value::Array(values) if values.len() == ids.len() * 2 => {
                 let mut values = values.into_iter();
                 let mut polled = Vec::with_capacity(ids.len());

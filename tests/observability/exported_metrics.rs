@@ -293,6 +293,8 @@ async fn scripted_traffic(app: &TestApp, items: &[i64], expected: &mut Expected)
         .cache_ops("mget", 1 + (4 + 2 + 1))
         // one fill per load.
         .cache_ops("set", 4 + 2 + 1)
+        // and one lease taken per load before it (cache::lease).
+        .cache_ops("lease", 4 + 2 + 1)
         // eviction, PATCH, POST.
         .cache_ops("delete", 3)
         .queries("get_item", 4 + 2)
@@ -432,6 +434,7 @@ async fn reads_that_wait_for_another_reads_load_are_counted_as_coalesced() {
         .cache_ops("get", reads)
         .cache_ops("mget", reads)
         .cache_ops("set", 1)
+        .cache_ops("lease", 1)
         .queries("get_item", 1)
         .coalesced(FOLLOWERS)
         .scrapes(&before, &after)
@@ -626,8 +629,8 @@ async fn every_contract_metric_is_exported_with_its_labels_and_the_text_passes_p
         &["hit", "miss", "stale", "bypass", "none"],
         &["hit", "miss", "bypass", "none"],
     );
-    // The contract's four, and two of ours: `/readyz`'s probe and the change feed.
-    let ops = ["get", "mget", "set", "delete", "ping", "feed"];
+    // The contract's four, and three of ours: `/readyz`'s probe, the change feed, leases.
+    let ops = ["get", "mget", "set", "delete", "ping", "feed", "lease"];
     within(
         CACHE_OP_COUNT,
         "op",
