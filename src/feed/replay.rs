@@ -123,7 +123,10 @@ pub async fn watch_failovers(
         if !changed && !owed {
             continue;
         }
-        let (targets, flush) = recent.lock().unwrap_or_else(|p| p.into_inner()).replayable();
+        let (targets, flush) = recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replayable();
         tracing::warn!(
             changes = targets.len(),
             flush,
