@@ -1118,6 +1118,8 @@ def markdown(res):
         pngs.append(("feed.png", "change feed: lag, bulk UPDATE drain"))
     if res.get("refresh"):
         pngs.append(("refresh.png", "early refresh: misses and Postgres queries per second"))
+    if (res.get("refresh") or {}).get("hot-with"):
+        pngs.append(("refresh_hot.png", "early refresh, the most read ids warmed together first"))
     for png, alt in pngs:
         L.append(f"![{alt}]({png})")
     L.append("")

@@ -6,7 +6,10 @@ With --by-name, looks up the seeded name of every id in 1..N instead (GET /items
 one request each; the name's list and its item cached), and counts as missing every
 lookup that does not answer exactly that id (bench/lua/names.lua computes the same names).
 
-    warm.py --port P --count N [--parallel 8] [--by-name]
+With --zipf-ranks K, warms the ids of Zipf ranks 1..K instead of ids 1..N, as
+bench/lua/zipf.lua maps ranks to ids over --count ids (the K most read ids, all at once).
+
+    warm.py --port P --count N [--parallel 8] [--by-name | --zipf-ranks K]
 """
 
 import argparse
@@ -36,11 +39,17 @@ def main():
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--by-name", action="store_true")
+    ap.add_argument("--zipf-ranks", type=int, default=0)
     args = ap.parse_args()
     if args.by_name:
         args.batch = 1
+    if args.zipf_ranks:
+        # zipf.lua: id = (rank - 1) * P mod N + 1, P = 999983.
+        ids = [(r - 1) * 999983 % args.count + 1 for r in range(1, args.zipf_ranks + 1)]
+    else:
+        ids = list(range(1, args.count + 1))
 
-    starts = list(range(1, args.count + 1, args.batch))
+    starts = list(range(0, len(ids), args.batch))
     lock = threading.Lock()
     state = {"next": 0, "found": 0, "missing": 0, "failed": None}
 
@@ -53,10 +62,9 @@ def main():
                 a = starts[state["next"]]
                 state["next"] += 1
             if args.by_name:
-                path = "/items?name=" + urllib.parse.quote(seeded_name(a))
+                path = "/items?name=" + urllib.parse.quote(seeded_name(ids[a]))
             else:
-                ids = ",".join(str(i) for i in range(a, min(a + args.batch, args.count + 1)))
-                path = f"/items?ids={ids}"
+                path = "/items?ids=" + ",".join(str(i) for i in ids[a:a + args.batch])
             conn.request("GET", path)
             r = conn.getresponse()
             body = r.read()
@@ -66,7 +74,7 @@ def main():
                 return
             doc = json.loads(body)
             if args.by_name:
-                found = int([item["id"] for item in doc["items"]] == [a])
+                found = int([item["id"] for item in doc["items"]] == [ids[a]])
                 missing = 1 - found
             else:
                 found, missing = len(doc["items"]), len(doc["missing"])
