@@ -4,13 +4,14 @@
 
 use std::future::Future;
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, middleware::from_fn, web};
 use tokio::sync::watch;
 
-use crate::cache::{Cache, Connections, Factory, Keys};
+use crate::cache::{Cache, Connections, Factory, Keys, Near, tracking};
 use crate::config::Settings;
 use crate::db::replicas::Replicas;
 use crate::db::{self, DbSetupError};
@@ -46,6 +47,8 @@ pub struct Application {
     port: u16,
     state: web::Data<AppState>,
     database_url: String,
+    /// The near cache and what its invalidations follow (one Redis's URL, the key prefix).
+    near: Option<(Arc<Near>, String, String)>,
 }
 
 impl Application {
@@ -94,7 +97,7 @@ impl Application {
         if conns.connect_all().await == 0 {
             tracing::warn!("redis is not reachable; serving from postgres until it is");
         }
-        let cache = Cache::new(
+        let mut cache = Cache::new(
             conns,
             Keys::new(
                 &settings.cache_key_prefix,
@@ -102,6 +105,20 @@ impl Application {
             ),
             settings.redis_timeout,
         );
+        let near = if settings.cache_l1_max_bytes > 0 {
+            let near = Arc::new(Near::new(
+                settings.cache_l1_max_bytes,
+                settings.cache_l1_ttl,
+            ));
+            cache = cache.with_near(near.clone());
+            Some((
+                near,
+                settings.redis_url.clone(),
+                settings.cache_key_prefix.clone(),
+            ))
+        } else {
+            None
+        };
 
         let state = web::Data::new(AppState {
             service: ItemService::new(repo, cache, &settings),
@@ -134,6 +151,7 @@ impl Application {
             port,
             state,
             database_url: settings.database_url.clone(),
+            near,
         })
     }
 
@@ -156,6 +174,9 @@ impl Application {
             feed: self.state.feed.clone(),
         };
         let feed = tokio::spawn(follower.run(stop_rx.clone()));
+        let near = self.near.map(|(near, url, prefix)| {
+            tokio::spawn(tracking::follow(url, prefix, near, stop_rx.clone()))
+        });
         let failovers = self.state.feed.recent().cloned().map(|recent| {
             tokio::spawn(replay::watch_failovers(
                 self.state.service.clone(),
@@ -177,6 +198,9 @@ impl Application {
         let _ = feed.await;
         if let Some(failovers) = failovers {
             let _ = failovers.await;
+        }
+        if let Some(near) = near {
+            let _ = near.await;
         }
         let _ = replicas.await;
         self.state.service.close();

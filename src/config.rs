@@ -81,6 +81,10 @@ pub struct Settings {
     pub cache_swr: Duration,
     /// The fraction of hits re-checked against Postgres off the request path.
     pub cache_verify_sample: f64,
+    /// The near cache's bound in bytes (`CACHE_L1_MAX_MB`); 0 = off.
+    pub cache_l1_max_bytes: u64,
+    /// The longest life of a near-cache entry (`CACHE_L1_TTL_MS`).
+    pub cache_l1_ttl: Duration,
     pub cache_key_prefix: String,
     pub redis_timeout: Duration,
     pub db_pool_size: usize,
@@ -114,6 +118,16 @@ impl Settings {
                 "REDIS_CLUSTER_NODES",
                 "cannot be set together with REDIS_URL: a cluster is reached through its \
                  seed nodes; unset one of them"
+                    .to_owned(),
+            ));
+        }
+        // Off by default: see README, "The near cache".
+        let cache_l1_mb = env.int("CACHE_L1_MAX_MB", 0, 0, 65_536)?;
+        if cache_l1_mb > 0 && !redis_cluster_nodes.is_empty() {
+            return Err(env.invalid(
+                "CACHE_L1_MAX_MB",
+                "the near cache follows one Redis's invalidations; with REDIS_CLUSTER_NODES \
+                 set it to 0"
                     .to_owned(),
             ));
         }
@@ -151,6 +165,8 @@ impl Settings {
             cache_stale: env.secs("CACHE_STALE_SECS", 600, 0)?,
             cache_swr: env.secs("CACHE_SWR_SECS", 10, 0)?,
             cache_verify_sample: env.share("CACHE_VERIFY_SAMPLE", 0.001)?,
+            cache_l1_max_bytes: cache_l1_mb * 1024 * 1024,
+            cache_l1_ttl: Duration::from_millis(env.int("CACHE_L1_TTL_MS", 1000, 1, 60_000)?),
             cache_key_prefix: env.prefix("CACHE_KEY_PREFIX", "itemcache:")?,
             redis_timeout: Duration::from_millis(env.int("REDIS_TIMEOUT_MS", 100, 1, 60_000)?),
             db_pool_size: env.int("DB_POOL_SIZE", 16, 1, 1000)? as usize,

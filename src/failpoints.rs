@@ -11,6 +11,10 @@
 /// Between a reader's Postgres read and its cache fill: the classic cache-aside race window.
 pub const BEFORE_FILL: &str = "read.before_fill";
 
+/// Between a read's Redis reply and storing the entry in the near cache: the in-flight race
+/// of client-side caching (`cache::near`).
+pub const BEFORE_NEAR_STORE: &str = "read.before_near_store";
+
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub async fn pause(_point: &'static str, _scope: impl FnOnce() -> String) {}

@@ -75,6 +75,16 @@ pub const REPLICA_FALLBACKS_TOTAL: &str = "itemcache_replica_fallbacks_total";
 /// Redis failed, so this instance loaded).
 pub const LEASES_TOTAL: &str = "itemcache_leases_total";
 
+/// Item reads the near cache was asked (`cache::near`). Label: `result` (hit, miss).
+pub const NEAR_LOOKUPS_TOTAL: &str = "itemcache_near_cache_lookups_total";
+/// Entries the near cache dropped. Label: `cause` (size: over `CACHE_L1_MAX_MB`; expired:
+/// older than `CACHE_L1_TTL_MS`; invalidated: a change, a flush).
+pub const NEAR_EVICTIONS_TOTAL: &str = "itemcache_near_cache_evictions_total";
+/// Bytes the near cache holds (its weigher's estimate), updated every second.
+pub const NEAR_BYTES: &str = "itemcache_near_cache_bytes";
+/// Invalidations Redis pushed to the near cache (keys; a flush counts one).
+pub const NEAR_INVALIDATIONS_TOTAL: &str = "itemcache_near_cache_invalidations_total";
+
 /// From 50 µs (a Redis GET on loopback) to 5 s (a request stuck behind a pool timeout),
 /// roughly ×2 apart so a hit and a miss land in different buckets.
 pub const LATENCY_BUCKETS: [f64; 17] = [
@@ -241,6 +251,24 @@ impl ReadTarget {
         match self {
             ReadTarget::Primary => "primary",
             ReadTarget::Replica => "replica",
+        }
+    }
+}
+
+/// Why the near cache dropped an entry: the `cause` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NearEviction {
+    Size,
+    Expired,
+    Invalidated,
+}
+
+impl NearEviction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NearEviction::Size => "size",
+            NearEviction::Expired => "expired",
+            NearEviction::Invalidated => "invalidated",
         }
     }
 }
@@ -510,6 +538,19 @@ fn describe() {
         "How long the newer version had been in Postgres when a stale hit was found"
     );
     describe_counter!(
+        NEAR_LOOKUPS_TOTAL,
+        "Item reads the near cache was asked, by result"
+    );
+    describe_counter!(
+        NEAR_EVICTIONS_TOTAL,
+        "Entries the near cache dropped, by cause"
+    );
+    describe_gauge!(NEAR_BYTES, "Bytes the near cache holds");
+    describe_counter!(
+        NEAR_INVALIDATIONS_TOTAL,
+        "Invalidations Redis pushed to the near cache"
+    );
+    describe_counter!(
         LEASES_TOTAL,
         "Fleet-wide load leases, one per id, by outcome"
     );
@@ -566,6 +607,23 @@ pub fn record_leases(outcome: LeaseOutcome, ids: usize) {
     if ids > 0 {
         counter!(LEASES_TOTAL, "outcome" => outcome.as_str()).increment(ids as u64);
     }
+}
+
+pub fn record_near_lookup(hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    counter!(NEAR_LOOKUPS_TOTAL, "result" => result).increment(1);
+}
+
+pub fn record_near_eviction(cause: NearEviction) {
+    counter!(NEAR_EVICTIONS_TOTAL, "cause" => cause.as_str()).increment(1);
+}
+
+pub fn record_near_bytes(bytes: u64) {
+    gauge!(NEAR_BYTES).set(bytes as f64);
+}
+
+pub fn record_near_invalidations(keys: usize) {
+    counter!(NEAR_INVALIDATIONS_TOTAL).increment(keys as u64);
 }
 
 pub fn record_pool(pool: PoolName, idle: usize, in_use: usize, waiters: usize) {

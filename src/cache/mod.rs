@@ -7,9 +7,11 @@ pub mod cluster;
 pub mod connections;
 pub mod invalidation;
 pub mod lease;
+pub mod near;
 pub mod redis;
 pub mod refresh;
 pub mod singleflight;
+pub mod tracking;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,10 +24,12 @@ use rand::Rng;
 
 use crate::cache::breaker::{Breaker, Permit};
 use crate::db::replicas::Lsn;
+use crate::failpoints;
 use crate::items::model::ItemId;
 use crate::metrics::{self, CacheOp};
 pub use connections::{Conn, Connections, Factory};
 pub use lease::{LeaseToken, Polled};
+pub use near::Near;
 pub use redis::{Cached, Entry, Keys, NameEntry};
 
 /// How long a write's stamp is kept. It must outlive any read in flight when the write
@@ -133,6 +137,15 @@ pub struct Cache {
     invalidate_script: Script,
     flush_script: Script,
     breaker: Arc<Breaker>,
+    /// The near cache in front of Redis, when on (`CACHE_L1_MAX_MB`).
+    near: Option<Arc<Near>>,
+}
+
+/// Which layer answered a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Near,
+    Redis,
 }
 
 impl Cache {
@@ -145,7 +158,37 @@ impl Cache {
             invalidate_script: Script::new(redis::INVALIDATE_SCRIPT),
             flush_script: Script::new(redis::FLUSH_SCRIPT),
             breaker: Arc::new(Breaker::default()),
+            near: None,
         }
+    }
+
+    /// Puts the near cache in front of Redis (its invalidations come from
+    /// `tracking::follow`, which the application runs).
+    pub fn with_near(mut self, near: Arc<Near>) -> Cache {
+        self.near = Some(near);
+        self
+    }
+
+    /// An item's entry: from the near cache if it holds a fresh one, else from Redis (and a
+    /// fresh entry from Redis is stored in the near cache, unless an invalidation of the id
+    /// came during the read).
+    pub async fn lookup(&self, id: ItemId) -> Result<Option<(Entry, Layer)>, CacheError> {
+        let Some(near) = self.near.as_ref().filter(|near| near.is_live()) else {
+            return Ok(self.get(id).await?.map(|entry| (entry, Layer::Redis)));
+        };
+        if let Some(entry) = near.get(id, now_ms()) {
+            return Ok(Some((entry, Layer::Near)));
+        }
+        let ticket = near.ticket(id);
+        let got = self.get(id).await;
+        match &got {
+            Ok(Some(entry)) if entry.is_fresh(now_ms()) => {
+                failpoints::pause(failpoints::BEFORE_NEAR_STORE, || self.keys.entry(id)).await;
+                near.store(ticket, entry);
+            }
+            _ => near.discard(ticket),
+        }
+        Ok(got?.map(|entry| (entry, Layer::Redis)))
     }
 
     pub fn keys(&self) -> &Keys {
@@ -164,18 +207,54 @@ impl Cache {
         Ok(entry_of(value))
     }
 
-    /// The entries for `ids`, in order: one `MGET`.
+    /// The entries for `ids`, in order: those the near cache holds fresh, and one `MGET` for
+    /// the rest (fresh ones then stored in the near cache, as in [`Cache::lookup`]).
     pub async fn mget(&self, ids: &[ItemId]) -> Result<Vec<Option<Entry>>, CacheError> {
-        let mut cmd = ::redis::cmd("MGET");
-        for &id in ids {
-            cmd.arg(self.keys.entry(id));
-        }
-        match self.run(CacheOp::Mget, &cmd).await? {
-            Value::Array(values) if values.len() == ids.len() => {
-                Ok(values.into_iter().map(entry_of).collect())
+        let near = self.near.as_ref().filter(|near| near.is_live());
+        let mut found: Vec<Option<Entry>> = vec![None; ids.len()];
+        let mut ask = Vec::with_capacity(ids.len());
+        let now = now_ms();
+        for (i, &id) in ids.iter().enumerate() {
+            match near.and_then(|near| near.get(id, now)) {
+                Some(entry) => found[i] = Some(entry),
+                None => ask.push((i, near.map(|near| near.ticket(id)))),
             }
-            _ => Err(CacheError::UnexpectedReply("MGET")),
         }
+        if ask.is_empty() {
+            return Ok(found);
+        }
+        let mut cmd = ::redis::cmd("MGET");
+        for (i, _) in &ask {
+            cmd.arg(self.keys.entry(ids[*i]));
+        }
+        let values = match self.run(CacheOp::Mget, &cmd).await {
+            Ok(Value::Array(values)) if values.len() == ask.len() => Ok(values),
+            Ok(_) => Err(CacheError::UnexpectedReply("MGET")),
+            Err(e) => Err(e),
+        };
+        let now = now_ms();
+        let values = match values {
+            Ok(values) => values,
+            Err(e) => {
+                if let Some(near) = near {
+                    ask.into_iter()
+                        .filter_map(|(_, ticket)| ticket)
+                        .for_each(|ticket| near.discard(ticket));
+                }
+                return Err(e);
+            }
+        };
+        for ((i, ticket), value) in ask.into_iter().zip(values) {
+            let entry = entry_of(value);
+            if let (Some(near), Some(ticket)) = (near, ticket) {
+                match &entry {
+                    Some(entry) if entry.is_fresh(now) => near.store(ticket, entry),
+                    _ => near.discard(ticket),
+                }
+            }
+            found[i] = entry;
+        }
+        Ok(found)
     }
 
     /// The current write stamps of `ids`, in order, with the flush token: one `MGET`.
@@ -325,6 +404,25 @@ impl Cache {
         op: CacheOp,
         targets: &[(Target, Invalidation)],
     ) -> Result<(), CacheError> {
+        let result = self.invalidate_in_redis(op, targets).await;
+        // After the Redis invalidation (whatever came of it): a read on this instance that
+        // got the old entry from Redis before it can no longer store it here, and one that
+        // stored it already loses it, before the write is acknowledged.
+        if let Some(near) = &self.near {
+            for (target, _) in targets {
+                if let Target::Item(id) = target {
+                    near.invalidate(*id);
+                }
+            }
+        }
+        result
+    }
+
+    async fn invalidate_in_redis(
+        &self,
+        op: CacheOp,
+        targets: &[(Target, Invalidation)],
+    ) -> Result<(), CacheError> {
         for chunk in targets.chunks(INVALIDATE_CHUNK) {
             self.per_slot(
                 chunk,
@@ -434,6 +532,9 @@ impl Cache {
             for replaced in futures_util::future::join_all(replaces).await {
                 replaced?;
             }
+        }
+        if let Some(near) = &self.near {
+            near.flush();
         }
         let mut deleted = 0;
         for pattern in self.keys.entry_patterns() {
@@ -645,6 +746,10 @@ fn bytes_of(value: Option<Value>) -> Bytes {
         Some(Value::BulkString(raw)) => Bytes::from(raw),
         _ => Bytes::new(),
     }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 fn entry_of(value: Value) -> Option<Entry> {

@@ -31,7 +31,8 @@ pub fn x_cache(status: CacheStatus) -> HeaderValue {
 ///   not this request's forward). With `ttl`, the entry's remaining freshness in whole
 ///   seconds, rounded down: negative for an entry served past freshness while it is
 ///   revalidated, which the RFC calls a stale hit; and `detail=early-refresh` or
-///   `detail=stale-while-revalidate` when the hit started a background refresh.
+///   `detail=stale-while-revalidate` when the hit started a background refresh; otherwise
+///   `detail=near` when the near cache answered (not Redis).
 /// - `MISS`: `fwd=miss; stored`, went forward to Postgres, and the answer was cached. `miss`
 ///   rather than `uri-miss` or `stale`: the lookup does not say whether an expired entry
 ///   was there.
@@ -65,6 +66,9 @@ pub fn cache_status(status: CacheStatus, freshness: Freshness) -> HeaderValue {
     match freshness.refresh {
         Some(Refresh::RefreshEarly) => value.push_str("; detail=early-refresh"),
         Some(Refresh::Revalidate) => value.push_str("; detail=stale-while-revalidate"),
+        Some(Refresh::Fresh | Refresh::Expired) | None if freshness.near => {
+            value.push_str("; detail=near")
+        }
         Some(Refresh::Fresh | Refresh::Expired) | None => {}
     }
     HeaderValue::from_str(&value).expect("Cache-Status is a header value")
@@ -149,7 +153,11 @@ mod tests {
     #[test]
     fn cache_status_names_each_outcome_in_rfc_9211_terms() {
         let value = |status, ttl_ms, refresh| {
-            let freshness = Freshness { ttl_ms, refresh };
+            let freshness = Freshness {
+                ttl_ms,
+                refresh,
+                near: false,
+            };
             cache_status(status, freshness)
                 .to_str()
                 .map(str::to_owned)

@@ -25,7 +25,7 @@ use crate::cache::invalidation::Pending;
 use crate::cache::refresh::{Policy, Verdict};
 use crate::cache::singleflight::Flights;
 use crate::cache::{
-    Cache, CacheError, Cached, Entry, Fill, Invalidation, LeaseToken, Stamp, Target,
+    Cache, CacheError, Cached, Entry, Fill, Invalidation, Layer, LeaseToken, Stamp, Target,
 };
 use crate::config::{CacheMode, Settings};
 use crate::db::replicas;
@@ -86,6 +86,8 @@ pub struct Lookup<T> {
 pub struct Freshness {
     pub ttl_ms: Option<i64>,
     pub refresh: Option<Verdict>,
+    /// Served from the near cache (`cache::near`), not from Redis.
+    pub near: bool,
 }
 
 impl<T> Lookup<T> {
@@ -286,13 +288,13 @@ impl ItemService {
             return self.load_one(id, None, Duration::ZERO).await;
         }
         let started = Instant::now();
-        let cached = self.inner.cache.get(id).await;
+        let cached = self.inner.cache.lookup(id).await;
         let cache_time = started.elapsed();
-        let entry = match cached {
+        let (entry, layer) = match cached {
             // Redis down or past its deadline (counted in cache/): answer from Postgres.
             Err(_) => return self.load_one(id, None, cache_time).await,
             Ok(None) => return self.load_one(id, Some(None), cache_time).await,
-            Ok(Some(entry)) => entry,
+            Ok(Some(found)) => found,
         };
         let now = now_ms();
         let verdict = self.inner.refresh.judge(&entry, now);
@@ -313,6 +315,7 @@ impl ItemService {
         let freshness = Freshness {
             ttl_ms: Some(entry.fresh_until_ms - now),
             refresh: (verdict != Verdict::Fresh).then_some(verdict),
+            near: layer == Layer::Near,
         };
         let mut lookup = Lookup::new(item_of(entry), CacheStatus::Hit, cache_time, None);
         lookup.freshness = freshness;

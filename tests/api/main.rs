@@ -19,6 +19,7 @@ mod freshness;
 mod hot_keys;
 mod items_api;
 mod lookup_by_name;
+mod near_cache;
 mod openapi;
 mod redis_cluster;
 mod redis_permissions;

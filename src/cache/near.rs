@@ -1,0 +1,257 @@
+//! The near cache (L1): entries kept in this process, in front of Redis, so that a hot
+//! item's hit costs no round trip (`CACHE_L1_MAX_MB`, `CACHE_L1_TTL_MS`).
+//!
+//! It holds the decoded [`Entry`] a Redis hit produced (the item's JSON bytes are shared,
+//! not copied: a hit answers with them as they are), bounded by bytes (moka's weigher) and
+//! by a short life, `CACHE_L1_TTL_MS`.
+//!
+//! **Invalidation.** Redis tells this instance when an entry key changes
+//! (`cache::tracking`: RESP3 client-side caching, `CLIENT TRACKING ON BCAST` on the key
+//! prefix): a write on any instance, a fill, an eviction, the change feed's invalidations,
+//! a flush. Writes through this instance also evict here directly, after their Redis
+//! invalidation and before they answer, so on the writing instance a read that starts after
+//! the acknowledgement never sees the old entry. While the tracking connection is down,
+//! nothing is served from here, and everything is dropped when it goes down: no entry
+//! outlives a gap in the invalidations.
+//!
+//! **The in-flight race** (lettuce issue 3481): a read gets v1 from Redis, a write
+//! replaces it and its invalidation arrives, and only then does the read store v1 here — a
+//! stale entry no later invalidation would remove. Each read that may store takes a
+//! [`Ticket`] *before* its Redis read; an invalidation of the id (or a flush) voids the
+//! tickets taken before it, and a voided ticket stores nothing.
+//!
+//! **Bound** on other instances: a read there may return the old entry from the write's
+//! Redis invalidation until Redis's push reaches it (milliseconds on a LAN), and never
+//! longer than `CACHE_L1_TTL_MS` after the entry was stored here (if a push is lost without
+//! the connection dropping).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::cache::{Cached, Entry};
+use crate::items::model::ItemId;
+use crate::metrics::{self, NearEviction};
+
+/// Tickets are kept in this many maps, by id, so that readers of different ids rarely
+/// contend on one lock.
+const SHARDS: usize = 16;
+
+/// What an entry costs beyond its JSON: the key, the entry's fields, moka's bookkeeping.
+const OVERHEAD: u32 = 96;
+
+pub struct Near {
+    entries: moka::sync::Cache<ItemId, Entry>,
+    /// For each id being read from Redis with a ticket, the newest ticket's number.
+    tickets: [Mutex<HashMap<ItemId, u64>>; SHARDS],
+    next: AtomicU64,
+    /// Whether invalidations are arriving (the tracking connection is up and subscribed).
+    live: AtomicBool,
+}
+
+/// A read's right to store what it is about to read from Redis (see the module docs).
+#[derive(Debug)]
+pub struct Ticket {
+    id: ItemId,
+    number: u64,
+}
+
+impl Near {
+    pub fn new(max_bytes: u64, ttl: Duration) -> Near {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_id: &ItemId, entry: &Entry| {
+                let json = match &entry.value {
+                    Cached::Item(item) => item.json.len(),
+                    Cached::NotFound => 0,
+                };
+                u32::try_from(json)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(OVERHEAD)
+            })
+            .time_to_live(ttl)
+            .eviction_listener(|_id, _entry, cause| {
+                metrics::record_near_eviction(match cause {
+                    moka::notification::RemovalCause::Expired => NearEviction::Expired,
+                    moka::notification::RemovalCause::Size => NearEviction::Size,
+                    moka::notification::RemovalCause::Explicit
+                    | moka::notification::RemovalCause::Replaced => NearEviction::Invalidated,
+                });
+            })
+            .build();
+        Near {
+            entries,
+            tickets: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            next: AtomicU64::new(1),
+            live: AtomicBool::new(false),
+        }
+    }
+
+    fn shard(&self, id: ItemId) -> &Mutex<HashMap<ItemId, u64>> {
+        &self.tickets[(id.get() as usize) % SHARDS]
+    }
+
+    /// A fresh entry for `id`, if held and invalidations are arriving.
+    pub fn get(&self, id: ItemId, now_ms: i64) -> Option<Entry> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let found = self.entries.get(&id).filter(|e| e.is_fresh(now_ms));
+        metrics::record_near_lookup(found.is_some());
+        found
+    }
+
+    /// Taken before reading `id` from Redis; see [`Near::store`].
+    pub fn ticket(&self, id: ItemId) -> Ticket {
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        self.shard(id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, number);
+        Ticket { id, number }
+    }
+
+    /// Stores what the ticket's read got, unless an invalidation of the id came since the
+    /// ticket was taken (or a newer ticket of the same id was taken: that read stores).
+    pub fn store(&self, ticket: Ticket, entry: &Entry) {
+        // Checked and stored under the shard's lock, which an invalidation of the id takes
+        // too: it comes either before (the ticket is void) or after (the entry goes).
+        let mut tickets = self
+            .shard(ticket.id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if tickets.get(&ticket.id) == Some(&ticket.number) {
+            tickets.remove(&ticket.id);
+            if self.live.load(Ordering::Acquire) {
+                self.entries.insert(ticket.id, entry.clone());
+            }
+        }
+    }
+
+    /// A read that took a ticket and will not store (a miss, an error): frees the slot.
+    pub fn discard(&self, ticket: Ticket) {
+        let mut tickets = self
+            .shard(ticket.id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if tickets.get(&ticket.id) == Some(&ticket.number) {
+            tickets.remove(&ticket.id);
+        }
+    }
+
+    /// `id` changed: its entry goes, and reads in flight may not store what they read.
+    pub fn invalidate(&self, id: ItemId) {
+        let mut tickets = self.shard(id).lock().unwrap_or_else(|p| p.into_inner());
+        tickets.remove(&id);
+        self.entries.invalidate(&id);
+    }
+
+    /// Everything goes (the tracking connection dropped, Redis flushed, a truncate), and
+    /// every ticket taken before is void.
+    pub fn flush(&self) {
+        let mut locked: Vec<_> = self
+            .tickets
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        for tickets in &mut locked {
+            tickets.clear();
+        }
+        self.entries.invalidate_all();
+    }
+
+    /// Whether invalidations are arriving: set by `cache::tracking`. Going down flushes.
+    pub fn set_live(&self, live: bool) {
+        if !live {
+            self.live.store(false, Ordering::Release);
+            self.flush();
+        } else {
+            self.flush();
+            self.live.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Bytes held (by the weigher), after pending evictions ran; for the gauge.
+    pub fn weighted_size(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::items::model::ItemJson;
+
+    fn entry(version: i64, json_len: usize) -> Entry {
+        Entry {
+            value: Cached::Item(ItemJson {
+                version,
+                json: Bytes::from(vec![b'x'; json_len]),
+            }),
+            fresh_until_ms: i64::MAX,
+            load_ms: 1,
+        }
+    }
+
+    fn id(n: i64) -> ItemId {
+        ItemId::new(n).unwrap()
+    }
+
+    fn live(max_bytes: u64) -> Near {
+        let near = Near::new(max_bytes, Duration::from_secs(60));
+        near.set_live(true);
+        near
+    }
+
+    #[test]
+    fn an_invalidation_during_a_read_voids_its_store() {
+        let near = live(1 << 20);
+        let ticket = near.ticket(id(7));
+        near.invalidate(id(7)); // the write's push arrives while the read is in flight
+        near.store(ticket, &entry(1, 10));
+        assert!(near.get(id(7), 0).is_none(), "v1 was not stored");
+
+        let ticket = near.ticket(id(7));
+        near.store(ticket, &entry(2, 10));
+        assert_eq!(
+            near.get(id(7), 0).map(|e| e.value),
+            Some(entry(2, 10).value)
+        );
+    }
+
+    #[test]
+    fn a_flush_voids_every_read_in_flight_and_nothing_is_served_while_down() {
+        let near = live(1 << 20);
+        let ticket = near.ticket(id(1));
+        near.set_live(false);
+        near.set_live(true);
+        near.store(ticket, &entry(1, 10));
+        assert!(near.get(id(1), 0).is_none());
+
+        let ticket = near.ticket(id(2));
+        near.store(ticket, &entry(1, 10));
+        near.set_live(false);
+        assert!(near.get(id(2), 0).is_none(), "nothing served while down");
+    }
+
+    #[test]
+    fn a_sweep_of_the_key_space_stays_within_the_byte_bound() {
+        let max = 256 * 1024;
+        let near = live(max);
+        for n in 1..=20_000 {
+            let ticket = near.ticket(id(n));
+            near.store(ticket, &entry(1, 200));
+        }
+        let held = near.weighted_size();
+        assert!(held <= max, "{held} bytes held, bound {max}");
+        assert!(held > max / 2, "the cache is used: {held} bytes");
+    }
+}
