@@ -61,7 +61,14 @@ pub fn cache_status(status: CacheStatus, freshness: Freshness) -> HeaderValue {
     }
     let mut value = base.to_owned();
     if let Some(ms) = freshness.ttl_ms {
-        value.push_str(&format!("; ttl={}", ms.div_euclid(1000)));
+        // Whole seconds, rounded down; an entry at or past its expiry is stale, negative
+        // even in its first millisecond (0 ms left would round to a fresh-looking 0).
+        let seconds = if ms <= 0 {
+            ms.div_euclid(1000).min(-1)
+        } else {
+            ms.div_euclid(1000)
+        };
+        value.push_str(&format!("; ttl={seconds}"));
     }
     match freshness.refresh {
         Some(Refresh::RefreshEarly) => value.push_str("; detail=early-refresh"),
@@ -171,6 +178,11 @@ mod tests {
         assert_eq!(
             value(CacheStatus::Hit, Some(900), Some(Refresh::RefreshEarly)),
             "itemcache; hit; ttl=0; detail=early-refresh"
+        );
+        // At its expiry to the millisecond: stale already.
+        assert_eq!(
+            value(CacheStatus::Hit, Some(0), Some(Refresh::Revalidate)),
+            "itemcache; hit; ttl=-1; detail=stale-while-revalidate"
         );
         // Past freshness by half a second: stale, so below zero.
         assert_eq!(
