@@ -8,7 +8,7 @@ use std::time::Duration;
 use itemcache::failpoints;
 use serde_json::{Value, json};
 
-use crate::support::{Spawn, TestApp, eventually, header};
+use crate::support::{Spawn, TestApp, eventually, header, staleness};
 
 /// An instance with the near cache on; entries live a minute in it, so that anything the
 /// tests see change within seconds was changed by an invalidation, not by its TTL.
@@ -145,4 +145,47 @@ async fn an_invalidation_during_a_read_keeps_the_old_entry_out_of_the_near_cache
     for _ in 0..3 {
         assert_eq!(version_of(a.get_item(id).await).await, 2);
     }
+}
+
+/// The staleness checker over two instances with near caches: no read is older than a
+/// write acknowledged more than the stated bound before it began. The bound checked here
+/// is `CACHE_L1_TTL_MS` (the cap); the lag actually seen is reported (and measured in
+/// `bench/near`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_instances_with_near_caches_no_read_lags_beyond_the_bound() {
+    const BOUND: Duration = Duration::from_millis(1000);
+    let a = Spawn::default()
+        .var("CACHE_L1_MAX_MB", 16)
+        .var("CACHE_L1_TTL_MS", BOUND.as_millis())
+        .start()
+        .await;
+    let b = a.another_instance().await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(
+            a.create_item(&format!("near {n}"), 0).await["id"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    let report = staleness::check_within(
+        &a,
+        &[a.address.clone(), b.address.clone()],
+        &ids,
+        Duration::from_secs(4),
+        BOUND,
+    )
+    .await;
+    eprintln!(
+        "near caches across instances: largest lag seen {:?}",
+        report.max_lag
+    );
+    assert!(
+        report.writes > 20 && report.reads > 50 && report.hits > 0,
+        "the checker did real work: {report:?}"
+    );
+    assert_eq!(
+        report.stale, 0,
+        "no read lagged beyond {BOUND:?}: {report:?}"
+    );
 }

@@ -22,8 +22,14 @@ pub struct Report {
     pub writes: usize,
     pub reads: usize,
     pub hits: usize,
+    /// Hits the near cache answered (`Cache-Status: ...; detail=near`).
+    pub near_hits: usize,
     pub evictions: usize,
+    /// Reads older than a write acknowledged (beyond the allowance) before they began.
     pub stale: usize,
+    /// The longest any read lagged: from the acknowledgement of the first version newer
+    /// than what it returned to the read's start (zero when no read lagged).
+    pub max_lag: Duration,
 }
 
 /// Versions written behind the service's back, with when each was acknowledged.
@@ -39,15 +45,29 @@ async fn version_of(response: reqwest::Response) -> i64 {
 /// once the feed has applied the last external write, every endpoint must answer every
 /// id's last version.
 pub async fn check(app: &TestApp, endpoints: &[String], ids: &[i64], run_for: Duration) -> Report {
+    check_within(app, endpoints, ids, run_for, Duration::ZERO).await
+}
+
+/// [`check`], with API writes allowed to go unseen for `allowed` after their
+/// acknowledgement (the near cache's bound on other instances): only older reads count.
+pub async fn check_within(
+    app: &TestApp,
+    endpoints: &[String],
+    ids: &[i64],
+    run_for: Duration,
+    allowed: Duration,
+) -> Report {
     let client = reqwest::Client::new();
     let endpoints = Arc::new(endpoints.to_vec());
     let ids = Arc::new(ids.to_vec());
     let hot = ids.len();
-    // The highest version acknowledged to any writer, per id.
+    // The highest version acknowledged to any writer, per id, and each acknowledgement.
     let acked: Arc<Vec<AtomicI64>> = Arc::new((0..hot).map(|_| AtomicI64::new(1)).collect());
+    let acks: Arc<Vec<ExternalWrites>> = Arc::new((0..hot).map(|_| Default::default()).collect());
+    let max_lag_us = Arc::new(AtomicI64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    // writes, reads, hits, evictions, stale reads
-    let counts: Arc<[AtomicUsize; 5]> = Arc::new(Default::default());
+    // writes, reads, hits, evictions, stale reads, near hits
+    let counts: Arc<[AtomicUsize; 6]> = Arc::new(Default::default());
     let external: Arc<Vec<ExternalWrites>> =
         Arc::new((0..hot).map(|_| Default::default()).collect());
 
@@ -83,11 +103,13 @@ pub async fn check(app: &TestApp, endpoints: &[String], ids: &[i64], run_for: Du
         }));
     }
     for worker in 0..12usize {
-        let (client, endpoints, ids, acked, stop, counts, external) = (
+        let (client, endpoints, ids, acked, acks, max_lag_us, stop, counts, external) = (
             client.clone(),
             endpoints.clone(),
             ids.clone(),
             acked.clone(),
+            acks.clone(),
+            max_lag_us.clone(),
             stop.clone(),
             counts.clone(),
             external.clone(),
@@ -110,6 +132,7 @@ pub async fn check(app: &TestApp, endpoints: &[String], ids: &[i64], run_for: Du
                             .unwrap();
                         assert_eq!(response.status(), 200, "PATCH via {base}");
                         let version = version_of(response).await;
+                        acks[slot].lock().unwrap().push((Instant::now(), version));
                         acked[slot].fetch_max(version, Ordering::SeqCst);
                         counts[0].fetch_add(1, Ordering::Relaxed);
                     }
@@ -135,7 +158,19 @@ pub async fn check(app: &TestApp, endpoints: &[String], ids: &[i64], run_for: Du
                             .map(|(_, version)| *version)
                             .max()
                             .unwrap_or(0);
-                        let floor = acked[slot].load(Ordering::SeqCst).max(external_floor);
+                        let api_floor = if allowed.is_zero() {
+                            acked[slot].load(Ordering::SeqCst)
+                        } else {
+                            acks[slot]
+                                .lock()
+                                .unwrap()
+                                .iter()
+                                .filter(|(at, _)| *at + allowed <= started)
+                                .map(|(_, version)| *version)
+                                .max()
+                                .unwrap_or(1)
+                        };
+                        let floor = api_floor.max(external_floor);
                         let response = client
                             .get(format!("{base}/items/{id}"))
                             .send()
@@ -145,7 +180,22 @@ pub async fn check(app: &TestApp, endpoints: &[String], ids: &[i64], run_for: Du
                         if header(&response, "x-cache") == "HIT" {
                             counts[2].fetch_add(1, Ordering::Relaxed);
                         }
+                        if header(&response, "cache-status").contains("detail=near") {
+                            counts[5].fetch_add(1, Ordering::Relaxed);
+                        }
                         let version = version_of(response).await;
+                        // How long the newest version this read missed had been acknowledged.
+                        let missed_since = acks[slot]
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .filter(|(at, v)| *v > version && *at <= started)
+                            .map(|(at, _)| *at)
+                            .min();
+                        if let Some(since) = missed_since {
+                            let lag = started.duration_since(since).as_micros() as i64;
+                            max_lag_us.fetch_max(lag, Ordering::SeqCst);
+                        }
                         if version < floor {
                             counts[4].fetch_add(1, Ordering::SeqCst);
                             eprintln!(
@@ -164,14 +214,16 @@ pub async fn check(app: &TestApp, endpoints: &[String], ids: &[i64], run_for: Du
     for task in tasks {
         task.await.unwrap();
     }
-    let [writes, reads, hits, evictions, stale] =
-        [0, 1, 2, 3, 4].map(|i| counts[i].load(Ordering::SeqCst));
+    let [writes, reads, hits, evictions, stale, near_hits] =
+        [0, 1, 2, 3, 4, 5].map(|i| counts[i].load(Ordering::SeqCst));
     let report = Report {
         writes,
         reads,
         hits,
+        near_hits,
         evictions,
         stale,
+        max_lag: Duration::from_micros(max_lag_us.load(Ordering::SeqCst) as u64),
     };
     eprintln!(
         "staleness checker over {} endpoints: {report:?} in {:.1} s",
