@@ -5,14 +5,14 @@
 //! primary); its replay is paused and resumed with `pg_wal_replay_pause()`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use diesel::sql_types::BigInt;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use serde_json::{Value, json};
 
-use crate::support::{Backends, Spawn, TestApp, eventually};
+use crate::support::{Backends, Spawn, TestApp, eventually, staleness};
 
 const SETTLE: Duration = Duration::from_secs(10);
 
@@ -184,60 +184,14 @@ async fn a_standby_killed_under_load_costs_no_errors() {
     assert_eq!(ready["replicas"], "degraded", "{ready}");
 }
 
-/// Writers through the API, readers forcing misses, and the standby's replay paused and
-/// resumed at random: no read returns a version older than one acknowledged before it
-/// began.
+/// The staleness checker (writers through the API and behind its back, evictions forcing
+/// misses, readers) with the standby's replay paused and resumed at random: no read returns
+/// a version older than one acknowledged before it began.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_randomly_lagging_standby_no_read_goes_back_in_time() {
-    const HOT_IDS: usize = 3;
     let app = Arc::new(app_with_replica().await);
-    let ids = Arc::new(app.insert_items(HOT_IDS as i64).await);
-    let acked: Arc<Vec<AtomicI64>> = Arc::new((0..HOT_IDS).map(|_| AtomicI64::new(1)).collect());
+    let ids = app.insert_items(3).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let stale = Arc::new(AtomicUsize::new(0));
-    let reads = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for worker in 0..6usize {
-        let (app, ids, acked, stop, stale, reads) = (
-            app.clone(),
-            ids.clone(),
-            acked.clone(),
-            stop.clone(),
-            stale.clone(),
-            reads.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut n = worker;
-            while !stop.load(Ordering::Relaxed) {
-                n = n
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let slot = (n >> 33) % HOT_IDS;
-                let id = ids[slot];
-                if worker < 2 {
-                    let response = app
-                        .patch_item(id, &json!({"price_cents": (n >> 20) % 1000}))
-                        .await;
-                    assert_eq!(response.status(), 200);
-                    let body: Value = response.json().await.unwrap();
-                    acked[slot].fetch_max(body["version"].as_i64().unwrap(), Ordering::SeqCst);
-                } else {
-                    if (n >> 40) % 2 == 0 {
-                        app.evict(id).await;
-                    }
-                    let floor = acked[slot].load(Ordering::SeqCst);
-                    let got = version(&app, id).await;
-                    if got < floor {
-                        stale.fetch_add(1, Ordering::SeqCst);
-                        eprintln!(
-                            "id {id}: read version {got} after version {floor} was acknowledged"
-                        );
-                    }
-                    reads.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
     let toggler = {
         let (app, stop) = (app.clone(), stop.clone());
         tokio::spawn(async move {
@@ -257,22 +211,18 @@ async fn under_a_randomly_lagging_standby_no_read_goes_back_in_time() {
             standby_sql(&app, "SELECT pg_wal_replay_resume()").await;
         })
     };
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = staleness::check(
+        &app,
+        std::slice::from_ref(&app.address),
+        &ids,
+        Duration::from_secs(4),
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
     toggler.await.unwrap();
-    eprintln!(
-        "lagging standby: {} reads in {:.1} s, {} stale",
-        reads.load(Ordering::Relaxed),
-        started.elapsed().as_secs_f64(),
-        stale.load(Ordering::SeqCst)
-    );
     assert!(
-        reads.load(Ordering::Relaxed) > 50,
-        "the stress did real work"
+        report.reads > 50 && report.writes > 20,
+        "the checker did real work: {report:?}"
     );
-    assert_eq!(stale.load(Ordering::SeqCst), 0);
+    assert_eq!(report.stale, 0, "{report:?}");
 }
