@@ -121,6 +121,20 @@ impl Settings {
                     .to_owned(),
             ));
         }
+        if !redis_cluster_nodes.is_empty()
+            && vars
+                .get("CACHE_KEY_PREFIX")
+                .is_some_and(|prefix| prefix.contains(['{', '}']))
+        {
+            // Redis Cluster hashes a key's first `{...}`: braces in the prefix would take
+            // the place of the hash tags that keep an id's keys in one slot.
+            return Err(env.invalid(
+                "CACHE_KEY_PREFIX",
+                "must not contain { or } with REDIS_CLUSTER_NODES (they are Redis Cluster's \
+                 hash tags)"
+                    .to_owned(),
+            ));
+        }
         // Off by default: see README, "The near cache".
         let cache_l1_mb = env.int("CACHE_L1_MAX_MB", 0, 0, 65_536)?;
         if cache_l1_mb > 0 && !redis_cluster_nodes.is_empty() {
@@ -370,6 +384,29 @@ mod tests {
         assert!(s.write_token.is_none());
         assert_eq!(s.log_format, LogFormat::Text);
         Ok(())
+    }
+
+    #[test]
+    fn cluster_settings_that_cannot_work_are_refused() {
+        let seeds = ("REDIS_CLUSTER_NODES", "redis://127.0.0.1:7000");
+        let variable = |vars: &[(&str, &str)]| settings(vars).err().map(|e| e.variable);
+        assert_eq!(
+            variable(&[seeds, ("REDIS_URL", "redis://127.0.0.1:6379")]),
+            Some("REDIS_CLUSTER_NODES")
+        );
+        assert_eq!(
+            variable(&[seeds, ("CACHE_KEY_PREFIX", "app{")]),
+            Some("CACHE_KEY_PREFIX")
+        );
+        assert_eq!(
+            variable(&[seeds, ("CACHE_L1_MAX_MB", "16")]),
+            Some("CACHE_L1_MAX_MB")
+        );
+        assert!(settings(&[seeds, ("CACHE_KEY_PREFIX", "app:")]).is_ok());
+        assert!(
+            settings(&[("CACHE_KEY_PREFIX", "app{")]).is_ok(),
+            "one Redis: any prefix"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "itemcache_http_request_duration
 /// One per id looked up. Label: `result` (hit, miss, stale, bypass).
 pub const CACHE_LOOKUPS_TOTAL: &str = "itemcache_cache_lookups_total";
 /// One Redis round trip. Label: `op` (get, mget, set, delete; ping for `/readyz`, feed for
-/// the change feed, lease for the fleet's leases).
+/// the change feed, lease for the fleet's leases, topology for a cluster's failover watch).
 pub const CACHE_OPERATION_DURATION_SECONDS: &str = "itemcache_cache_operation_duration_seconds";
 /// Redis calls that failed or passed their deadline. Label: `op`.
 pub const CACHE_ERRORS_TOTAL: &str = "itemcache_cache_errors_total";
@@ -137,6 +137,9 @@ pub enum CacheOp {
     /// The fleet's leases (`cache::lease`): taking, polling and releasing them, apart from
     /// the fills (`set`) and reads (`get`, `mget`) they guard.
     Lease,
+    /// A Redis Cluster's topology and settings, read by the failover watcher
+    /// (`feed::replay`): outside the circuit breaker, like `ping`.
+    Topology,
 }
 
 impl CacheOp {
@@ -149,6 +152,7 @@ impl CacheOp {
             CacheOp::Ping => "ping",
             CacheOp::Feed => "feed",
             CacheOp::Lease => "lease",
+            CacheOp::Topology => "topology",
         }
     }
 }
@@ -439,6 +443,7 @@ fn start_at_zero() {
         CacheOp::Ping,
         CacheOp::Feed,
         CacheOp::Lease,
+        CacheOp::Topology,
     ] {
         counter!(CACHE_ERRORS_TOTAL, "op" => op.as_str()).absolute(0);
     }

@@ -118,11 +118,12 @@ pub fn master_routes(shards: &Value) -> Vec<RoutingInfo> {
 }
 
 /// Each shard's first slot and its master's node id, from a `CLUSTER SHARDS` reply, sorted:
-/// a different list means a failover (or a resharding).
-pub fn masters(shards: &Value) -> Vec<(i64, String)> {
+/// a different list means a failover (or a resharding). `None` while a shard that serves
+/// slots has no healthy master, or for a reply that is not a list of shards.
+pub fn masters(shards: &Value) -> Option<Vec<(i64, String)>> {
     let mut masters = Vec::new();
     let Value::Array(shards) = shards else {
-        return masters;
+        return None;
     };
     for shard in shards {
         let first = match field(shard, "slots") {
@@ -146,12 +147,31 @@ pub fn masters(shards: &Value) -> Vec<(i64, String)> {
                 _ => None,
             }
         });
-        if let Some(master) = master {
-            masters.push((first, master));
-        }
+        masters.push((first, master?));
     }
     masters.sort();
-    masters
+    (!masters.is_empty()).then_some(masters)
+}
+
+/// A `CONFIG GET` reply (a flat name, value list, or a map) as name → value.
+pub fn config_values(reply: Value) -> HashMap<String, String> {
+    let text = |value: &Value| match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    };
+    let pairs: Vec<(Value, Value)> = match reply {
+        Value::Array(items) => {
+            let mut items = items.into_iter();
+            std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
+        }
+        Value::Map(pairs) => pairs,
+        _ => Vec::new(),
+    };
+    pairs
+        .iter()
+        .filter_map(|(name, value)| Some((text(name)?, text(value)?)))
+        .collect()
 }
 
 /// A field of a RESP2 flat key-value array or a RESP3 map.

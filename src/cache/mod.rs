@@ -33,8 +33,9 @@ pub use near::Near;
 pub use redis::{Cached, Entry, Keys, NameEntry};
 
 /// How long a write's stamp is kept. It must outlive any read in flight when the write
-/// happened: a read's load is bounded by the pool wait (2 s), a new connection (3 s), the
-/// statement timeout (5 s) and the coalescing linger (0.5 s), about 10.5 s. A minute is
+/// happened: a read's load is bounded by a lease wait (1 s, `lease`), the pool wait (2 s),
+/// a new connection (3 s), the statement timeout (5 s) and the coalescing linger (0.5 s),
+/// about 11.5 s. A minute is
 /// well beyond that, and bounds what bulk writes cost Redis: one stamp (~100 bytes) per id
 /// written in the last minute (a million-row `UPDATE` through the change feed: ~100 MB
 /// for a minute, where a day's TTL would keep it for a day).
@@ -181,12 +182,11 @@ impl Cache {
         }
         let ticket = near.ticket(id);
         let got = self.get(id).await;
-        match &got {
-            Ok(Some(entry)) if entry.is_fresh(now_ms()) => {
-                failpoints::pause(failpoints::BEFORE_NEAR_STORE, || self.keys.entry(id)).await;
-                near.store(ticket, entry);
-            }
-            _ => near.discard(ticket),
+        if let Ok(Some(entry)) = &got
+            && entry.is_fresh(now_ms())
+        {
+            failpoints::pause(failpoints::BEFORE_NEAR_STORE, || self.keys.entry(id)).await;
+            ticket.store(entry);
         }
         Ok(got?.map(|entry| (entry, Layer::Redis)))
     }
@@ -233,24 +233,14 @@ impl Cache {
             Err(e) => Err(e),
         };
         let now = now_ms();
-        let values = match values {
-            Ok(values) => values,
-            Err(e) => {
-                if let Some(near) = near {
-                    ask.into_iter()
-                        .filter_map(|(_, ticket)| ticket)
-                        .for_each(|ticket| near.discard(ticket));
-                }
-                return Err(e);
-            }
-        };
+        // On an error the tickets are dropped, which frees them.
+        let values = values?;
         for ((i, ticket), value) in ask.into_iter().zip(values) {
             let entry = entry_of(value);
-            if let (Some(near), Some(ticket)) = (near, ticket) {
-                match &entry {
-                    Some(entry) if entry.is_fresh(now) => near.store(ticket, entry),
-                    _ => near.discard(ticket),
-                }
+            if let (Some(ticket), Some(entry)) = (ticket, &entry)
+                && entry.is_fresh(now)
+            {
+                ticket.store(entry);
             }
             found[i] = entry;
         }
@@ -601,15 +591,50 @@ impl Cache {
         }
     }
 
-    /// The cluster's masters: `(first slot, node id)` of each shard, sorted.
-    pub async fn cluster_masters(&self) -> Result<Vec<(i64, String)>, CacheError> {
+    /// The cluster's masters: `(first slot, node id)` of each shard, sorted; `None` while a
+    /// shard has no healthy master (a failover in progress). Outside the circuit breaker.
+    pub async fn cluster_masters(&self) -> Result<Option<Vec<(i64, String)>>, CacheError> {
         let shards = self
-            .run(
-                CacheOp::Feed,
-                &::redis::cmd("CLUSTER").arg("SHARDS").to_owned(),
-            )
+            .topology(&::redis::cmd("CLUSTER").arg("SHARDS").to_owned(), None)
             .await?;
         Ok(cluster::masters(&shards))
+    }
+
+    /// Settings of the cluster (`CONFIG GET`, asked of one master), as name → value.
+    pub async fn cluster_config(
+        &self,
+        names: &[&str],
+    ) -> Result<std::collections::HashMap<String, String>, CacheError> {
+        let shards = self
+            .topology(&::redis::cmd("CLUSTER").arg("SHARDS").to_owned(), None)
+            .await?;
+        let master = cluster::master_routes(&shards).into_iter().next();
+        let mut get = ::redis::cmd("CONFIG");
+        get.arg("GET").arg(names);
+        let reply = self.topology(&get, master.as_ref()).await?;
+        Ok(cluster::config_values(reply))
+    }
+
+    /// A topology command (on `node`, or where redis-rs routes it): timed and counted as
+    /// `topology`, outside the circuit breaker like [`Cache::ping`].
+    async fn topology(
+        &self,
+        cmd: &::redis::Cmd,
+        node: Option<&RoutingInfo>,
+    ) -> Result<Value, CacheError> {
+        let started = Instant::now();
+        let result = self
+            .send(|conn| async move {
+                match (conn, node) {
+                    (Conn::Cluster(mut conn), Some(node)) => {
+                        conn.route_command(cmd.clone(), node.clone()).await
+                    }
+                    (mut conn, _) => cmd.query_async::<Value>(&mut conn).await,
+                }
+            })
+            .await;
+        self.account(CacheOp::Topology, started, &result);
+        result
     }
 
     /// [`Cache::unlink_matching`] on every master of the cluster (`SCAN` sees one node).

@@ -51,10 +51,25 @@ pub struct Near {
 }
 
 /// A read's right to store what it is about to read from Redis (see the module docs).
-#[derive(Debug)]
-pub struct Ticket {
+/// Dropped without storing (a miss, an error, the read cancelled), it frees its place.
+pub struct Ticket<'a> {
+    near: &'a Near,
     id: ItemId,
     number: u64,
+}
+
+impl Ticket<'_> {
+    /// Stores what the read got, unless an invalidation of the id came since the ticket was
+    /// taken (or a newer ticket of the same id was taken: that read stores).
+    pub fn store(self, entry: &Entry) {
+        self.near.store(&self, entry);
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.near.release(self);
+    }
 }
 
 impl Near {
@@ -102,19 +117,21 @@ impl Near {
         found
     }
 
-    /// Taken before reading `id` from Redis; see [`Near::store`].
-    pub fn ticket(&self, id: ItemId) -> Ticket {
+    /// Taken before reading `id` from Redis; see [`Ticket::store`].
+    pub fn ticket(&self, id: ItemId) -> Ticket<'_> {
         let number = self.next.fetch_add(1, Ordering::Relaxed);
         self.shard(id)
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, number);
-        Ticket { id, number }
+        Ticket {
+            near: self,
+            id,
+            number,
+        }
     }
 
-    /// Stores what the ticket's read got, unless an invalidation of the id came since the
-    /// ticket was taken (or a newer ticket of the same id was taken: that read stores).
-    pub fn store(&self, ticket: Ticket, entry: &Entry) {
+    fn store(&self, ticket: &Ticket<'_>, entry: &Entry) {
         // Checked and stored under the shard's lock, which an invalidation of the id takes
         // too: it comes either before (the ticket is void) or after (the entry goes).
         let mut tickets = self
@@ -129,8 +146,8 @@ impl Near {
         }
     }
 
-    /// A read that took a ticket and will not store (a miss, an error): frees the slot.
-    pub fn discard(&self, ticket: Ticket) {
+    /// A ticket done with (stored or not): frees its place if it still holds it.
+    fn release(&self, ticket: &Ticket<'_>) {
         let mut tickets = self
             .shard(ticket.id)
             .lock()
@@ -216,14 +233,24 @@ mod tests {
         let near = live(1 << 20);
         let ticket = near.ticket(id(7));
         near.invalidate(id(7)); // the write's push arrives while the read is in flight
-        near.store(ticket, &entry(1, 10));
+        ticket.store(&entry(1, 10));
         assert!(near.get(id(7), 0).is_none(), "v1 was not stored");
 
-        let ticket = near.ticket(id(7));
-        near.store(ticket, &entry(2, 10));
+        near.ticket(id(7)).store(&entry(2, 10));
         assert_eq!(
             near.get(id(7), 0).map(|e| e.value),
             Some(entry(2, 10).value)
+        );
+    }
+
+    #[test]
+    fn a_read_dropped_in_flight_leaves_no_ticket_behind() {
+        let near = live(1 << 20);
+        drop(near.ticket(id(3)));
+        assert!(
+            near.tickets
+                .iter()
+                .all(|shard| shard.lock().unwrap().is_empty())
         );
     }
 
@@ -233,11 +260,10 @@ mod tests {
         let ticket = near.ticket(id(1));
         near.set_live(false);
         near.set_live(true);
-        near.store(ticket, &entry(1, 10));
+        ticket.store(&entry(1, 10));
         assert!(near.get(id(1), 0).is_none());
 
-        let ticket = near.ticket(id(2));
-        near.store(ticket, &entry(1, 10));
+        near.ticket(id(2)).store(&entry(1, 10));
         near.set_live(false);
         assert!(near.get(id(2), 0).is_none(), "nothing served while down");
     }
@@ -247,8 +273,7 @@ mod tests {
         let max = 256 * 1024;
         let near = live(max);
         for n in 1..=20_000 {
-            let ticket = near.ticket(id(n));
-            near.store(ticket, &entry(1, 200));
+            near.ticket(id(n)).store(&entry(1, 200));
         }
         let held = near.weighted_size();
         assert!(held <= max, "{held} bytes held, bound {max}");

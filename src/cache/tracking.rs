@@ -69,7 +69,7 @@ pub async fn follow(
 async fn session(
     redis_url: &str,
     prefix: &str,
-    near: &Near,
+    near: &Arc<Near>,
     went_live: &mut bool,
 ) -> Result<(), ::redis::RedisError> {
     let separator = if redis_url.contains('?') { '&' } else { '?' };
@@ -99,7 +99,11 @@ async fn session(
     near.set_live(true);
     *went_live = true;
     tracing::info!("near cache: following Redis's invalidations");
-    let mut ping = tokio::time::interval(PING_EVERY);
+    // The liveness check runs beside the pushes, so that a slow `PING` (up to its
+    // one-second deadline) never holds back the invalidations queued behind it.
+    let (failed, mut ping_failed) = tokio::sync::oneshot::channel();
+    let pinger = tokio::spawn(ping_until_failure(conn.clone(), near.clone(), failed));
+    let _stop_pinger = AbortOnDrop(pinger);
     loop {
         tokio::select! {
             push = received.recv() => {
@@ -112,11 +116,37 @@ async fn session(
                     _ => {}
                 }
             }
-            _ = ping.tick() => {
-                ::redis::cmd("PING").query_async::<()>(&mut conn).await?;
-                metrics::record_near_bytes(near.weighted_size());
+            e = &mut ping_failed => {
+                return Err(e.unwrap_or_else(|_| disconnected()));
             }
         }
+    }
+}
+
+/// `PING`s every [`PING_EVERY`] until one fails, and says why; meanwhile keeps the near
+/// cache's size gauge current.
+async fn ping_until_failure(
+    mut conn: ::redis::aio::MultiplexedConnection,
+    near: Arc<Near>,
+    failed: tokio::sync::oneshot::Sender<::redis::RedisError>,
+) {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    loop {
+        ping.tick().await;
+        if let Err(e) = ::redis::cmd("PING").query_async::<()>(&mut conn).await {
+            let _ = failed.send(e);
+            return;
+        }
+        metrics::record_near_bytes(near.weighted_size());
+    }
+}
+
+/// Aborts a task when dropped (the session ended, however it ended).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

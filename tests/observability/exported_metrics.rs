@@ -629,8 +629,11 @@ async fn every_contract_metric_is_exported_with_its_labels_and_the_text_passes_p
         &["hit", "miss", "stale", "bypass", "none"],
         &["hit", "miss", "bypass", "none"],
     );
-    // The contract's four, and three of ours: `/readyz`'s probe, the change feed, leases.
-    let ops = ["get", "mget", "set", "delete", "ping", "feed", "lease"];
+    // The contract's four, and four of ours: `/readyz`'s probe, the change feed, leases,
+    // and a cluster's topology.
+    let ops = [
+        "get", "mget", "set", "delete", "ping", "feed", "lease", "topology",
+    ];
     within(
         CACHE_OP_COUNT,
         "op",

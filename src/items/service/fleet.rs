@@ -5,7 +5,7 @@
 //! by a stamp-checked fill, and every write acknowledged before this reader started had
 //! deleted the entry and replaced the stamp before its acknowledgement; an entry present
 //! after that was filled from a read that began after the stamp was replaced, so it shows
-//! the write (`docs/cache-design.md`, "Fleet-wide coalescing").
+//! the write (`docs/cache-design.md`, "Across the fleet: leases").
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,6 +16,32 @@ use crate::cache::{CacheError, LeaseToken, Stamp};
 use crate::items::model::ItemId;
 use crate::metrics::{self, LeaseOutcome};
 
+/// Leases a load holds until its fill releases them; dropped earlier (the load cancelled),
+/// it releases them in the background.
+struct Held {
+    service: ItemService,
+    ids: Vec<ItemId>,
+    token: LeaseToken,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let (service, ids, token) = (
+            self.service.clone(),
+            std::mem::take(&mut self.ids),
+            self.token.clone(),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = service.inner.cache.release_leases(&ids, &token).await;
+            });
+        }
+    }
+}
+
 /// The first poll for another instance's fill comes this soon (a load of one row takes
 /// about a millisecond); each next one twice as late, up to [`POLL_MAX`].
 const POLL_FIRST: Duration = Duration::from_millis(1);
@@ -23,9 +49,17 @@ const POLL_MAX: Duration = Duration::from_millis(25);
 
 impl ItemService {
     /// With a Redis Cluster, its masters now: `(first slot, node id)` of each shard, sorted
-    /// (`feed::replay` compares them to see a failover).
-    pub async fn cluster_masters(&self) -> Result<Vec<(i64, String)>, CacheError> {
+    /// (`feed::replay` compares them to see a failover); `None` during a failover.
+    pub async fn cluster_masters(&self) -> Result<Option<Vec<(i64, String)>>, CacheError> {
         self.inner.cache.cluster_masters().await
+    }
+
+    /// With a Redis Cluster, some of its settings (`CONFIG GET`).
+    pub async fn cluster_config(
+        &self,
+        names: &[&str],
+    ) -> Result<std::collections::HashMap<String, String>, CacheError> {
+        self.inner.cache.cluster_config(names).await
     }
 
     /// Takes the leases on `ids` that are free, loads and fills those, and meanwhile waits
@@ -39,7 +73,13 @@ impl ItemService {
         let token = LeaseToken::new();
         let taken = match self.inner.cache.acquire_leases(&ids, &token).await {
             Ok(taken) => taken,
-            Err(_) => return self.read_and_fill(ids, Some(noted), None).await,
+            Err(_) => {
+                // Redis failing: load as without leases. The script may still have taken
+                // some (a reply lost to the deadline, a cluster's slot that answered): the
+                // fill releases those that carry this token.
+                metrics::record_leases(LeaseOutcome::GaveUp, ids.len());
+                return self.read_and_fill(ids, Some(noted), Some(&token)).await;
+            }
         };
         let (mine, theirs): (Vec<ItemId>, Vec<ItemId>) = {
             let mut mine = Vec::new();
@@ -50,6 +90,13 @@ impl ItemService {
             (mine, theirs)
         };
         metrics::record_leases(LeaseOutcome::Acquired, mine.len());
+        // If this load is dropped before its fill (its readers went away), the leases are
+        // released at once rather than left to expire under other instances' waiters.
+        let mut held = Held {
+            service: self.clone(),
+            ids: mine.clone(),
+            token: token.clone(),
+        };
         let load_mine = async {
             if mine.is_empty() {
                 HashMap::new()
@@ -58,6 +105,8 @@ impl ItemService {
             }
         };
         let (mut answers, (waited, left)) = tokio::join!(load_mine, self.wait_for_fills(theirs));
+        // Released by the fill (or by the failed read).
+        held.ids.clear();
         answers.extend(waited);
         if !left.is_empty() {
             answers.extend(self.read_and_fill(left, Some(noted), None).await);

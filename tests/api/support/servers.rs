@@ -335,11 +335,6 @@ impl RedisCluster {
                         &format!("nodes-{port}.conf"),
                         "--cluster-node-timeout",
                         "1000",
-                        // A replica may take over however long it has been apart from its
-                        // master (the default refuses after 10 node timeouts of silence,
-                        // which a replica made moments ago can already be counted as).
-                        "--cluster-replica-validity-factor",
-                        "0",
                         // Sync replicas at once, not after the default 5 s wait for more.
                         "--repl-diskless-sync-delay",
                         "0",

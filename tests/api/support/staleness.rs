@@ -35,6 +35,9 @@ pub struct Report {
 /// Versions written behind the service's back, with when each was acknowledged.
 type ExternalWrites = Mutex<Vec<(Instant, i64)>>;
 
+/// Versions acknowledged through the API: when, which version, through which endpoint.
+type Acks = Mutex<Vec<(Instant, i64, usize)>>;
+
 async fn version_of(response: reqwest::Response) -> i64 {
     let body: Value = response.json().await.unwrap();
     body["version"].as_i64().unwrap()
@@ -63,7 +66,7 @@ pub async fn check_within(
     let hot = ids.len();
     // The highest version acknowledged to any writer, per id, and each acknowledgement.
     let acked: Arc<Vec<AtomicI64>> = Arc::new((0..hot).map(|_| AtomicI64::new(1)).collect());
-    let acks: Arc<Vec<ExternalWrites>> = Arc::new((0..hot).map(|_| Default::default()).collect());
+    let acks: Arc<Vec<Acks>> = Arc::new((0..hot).map(|_| Default::default()).collect());
     let max_lag_us = Arc::new(AtomicI64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     // writes, reads, hits, evictions, stale reads, near hits
@@ -120,7 +123,8 @@ pub async fn check_within(
                 n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let slot = (n >> 33) % hot;
                 let id = ids[slot];
-                let base = &endpoints[(n >> 40) % endpoints.len()];
+                let endpoint = (n >> 40) % endpoints.len();
+                let base = &endpoints[endpoint];
                 match worker % 6 {
                     // Two writers in six tasks.
                     0 | 1 => {
@@ -132,7 +136,10 @@ pub async fn check_within(
                             .unwrap();
                         assert_eq!(response.status(), 200, "PATCH via {base}");
                         let version = version_of(response).await;
-                        acks[slot].lock().unwrap().push((Instant::now(), version));
+                        acks[slot]
+                            .lock()
+                            .unwrap()
+                            .push((Instant::now(), version, endpoint));
                         acked[slot].fetch_max(version, Ordering::SeqCst);
                         counts[0].fetch_add(1, Ordering::Relaxed);
                     }
@@ -158,6 +165,8 @@ pub async fn check_within(
                             .map(|(_, version)| *version)
                             .max()
                             .unwrap_or(0);
+                        // The allowance is for other endpoints only: through the endpoint
+                        // that took a write, it is seen at once.
                         let api_floor = if allowed.is_zero() {
                             acked[slot].load(Ordering::SeqCst)
                         } else {
@@ -165,8 +174,10 @@ pub async fn check_within(
                                 .lock()
                                 .unwrap()
                                 .iter()
-                                .filter(|(at, _)| *at + allowed <= started)
-                                .map(|(_, version)| *version)
+                                .filter(|(at, _, via)| {
+                                    *via == endpoint && *at <= started || *at + allowed <= started
+                                })
+                                .map(|(_, version, _)| *version)
                                 .max()
                                 .unwrap_or(1)
                         };
@@ -189,8 +200,8 @@ pub async fn check_within(
                             .lock()
                             .unwrap()
                             .iter()
-                            .filter(|(at, v)| *v > version && *at <= started)
-                            .map(|(at, _)| *at)
+                            .filter(|(at, v, _)| *v > version && *at <= started)
+                            .map(|(at, _, _)| *at)
                             .min();
                         if let Some(since) = missed_since {
                             let lag = started.duration_since(since).as_micros() as i64;
