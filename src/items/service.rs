@@ -480,7 +480,9 @@ impl ItemService {
             _ => inner.repo.get_items(&ids, at_least).await,
         };
         // How long the load took: early refresh (cache::refresh) starts that much sooner.
-        let load_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        // Rounded up: a sub-millisecond read kept as 0 would switch early refresh off.
+        let load_ms =
+            u32::try_from(started.elapsed().as_micros().div_ceil(1000)).unwrap_or(u32::MAX);
         let rows: Vec<Item> = match rows {
             Ok(rows) => rows,
             Err(e) => {
