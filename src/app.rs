@@ -131,7 +131,7 @@ impl Application {
             },
         });
         let listener =
-            TcpListener::bind(settings.listen_addr).map_err(|cause| StartupError::Bind {
+            listen(settings.listen_addr).map_err(|cause| StartupError::Bind {
                 addr: settings.listen_addr.to_string(),
                 cause,
             })?;
@@ -272,4 +272,23 @@ async fn stopped(every: &mut tokio::time::Interval, stop: &mut watch::Receiver<b
         _ = every.tick() => *stop.borrow(),
         _ = stop.changed() => true,
     }
+}
+
+/// How many connections the kernel queues before the service accepts them. The standard
+/// library's `TcpListener::bind` asks for 128, which a burst of new connections overflows
+/// (an nginx restart, a client opening a thousand at once): the kernel then drops the
+/// excess, and each dropped client retries a second later. actix's own `bind` asks for
+/// 1,024; this does the same for the listener the service binds itself (to know its port).
+const LISTEN_BACKLOG: i32 = 1024;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
