@@ -130,11 +130,10 @@ impl Application {
                 Feed::keeping_recent()
             },
         });
-        let listener =
-            listen(settings.listen_addr).map_err(|cause| StartupError::Bind {
-                addr: settings.listen_addr.to_string(),
-                cause,
-            })?;
+        let listener = listen(settings.listen_addr).map_err(|cause| StartupError::Bind {
+            addr: settings.listen_addr.to_string(),
+            cause,
+        })?;
         let port = listener
             .local_addr()
             .map_err(|cause| StartupError::Bind {
