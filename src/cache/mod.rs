@@ -180,9 +180,9 @@ impl Cache {
         if let Some(entry) = near.get(id, now_ms()) {
             return Ok(Some((entry, Layer::Near)));
         }
-        let ticket = near.ticket(id);
+        let ticket = near.admit(id).then(|| near.ticket(id));
         let got = self.get(id).await;
-        if let Ok(Some(entry)) = &got
+        if let (Ok(Some(entry)), Some(ticket)) = (&got, ticket)
             && entry.is_fresh(now_ms())
         {
             failpoints::pause(failpoints::BEFORE_NEAR_STORE, || self.keys.entry(id)).await;
@@ -217,7 +217,11 @@ impl Cache {
         for (i, &id) in ids.iter().enumerate() {
             match near.and_then(|near| near.get(id, now)) {
                 Some(entry) => found[i] = Some(entry),
-                None => ask.push((i, near.map(|near| near.ticket(id)))),
+                None => ask.push((
+                    i,
+                    near.filter(|near| near.admit(id))
+                        .map(|near| near.ticket(id)),
+                )),
             }
         }
         if ask.is_empty() {

@@ -41,6 +41,9 @@ const SHARDS: usize = 16;
 /// What an entry costs beyond its JSON: the key, the entry's fields, moka's bookkeeping.
 const OVERHEAD: u32 = 96;
 
+/// The doorkeeper's bits (a power of two): 2^20 bits, 128 KiB.
+const DOORKEEPER_BITS: usize = 1 << 20;
+
 pub struct Near {
     entries: moka::sync::Cache<ItemId, Entry>,
     /// For each id being read from Redis with a ticket, the newest ticket's number.
@@ -48,6 +51,13 @@ pub struct Near {
     next: AtomicU64,
     /// Whether invalidations are arriving (the tracking connection is up and subscribed).
     live: AtomicBool,
+    /// Ids read from Redis once lately (a bit per hash of the id): only an id seen again is
+    /// stored, so a read that comes once (a uniform sweep, the long tail) costs no ticket,
+    /// no insert and no later eviction. The bench found those costs made a mostly-missing
+    /// near cache slower than none.
+    seen: Box<[AtomicU64]>,
+    /// First sightings since the doorkeeper was last cleared.
+    sightings: AtomicU64,
 }
 
 /// A read's right to store what it is about to read from Redis (see the module docs).
@@ -100,7 +110,32 @@ impl Near {
             tickets: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             next: AtomicU64::new(1),
             live: AtomicBool::new(false),
+            seen: (0..DOORKEEPER_BITS / 64)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            sightings: AtomicU64::new(0),
         }
+    }
+
+    /// Whether `id` was read from Redis lately (then its entry is worth storing); marks it
+    /// as read either way. Cleared when half its bits have been set, so that it forgets
+    /// what is no longer read and its false "seen" stay rare.
+    pub fn admit(&self, id: ItemId) -> bool {
+        // Fibonacci hashing: consecutive ids spread over the words.
+        let hash = (id.get() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let bit = (hash >> 44) as usize & (DOORKEEPER_BITS - 1);
+        let mask = 1u64 << (bit % 64);
+        let before = self.seen[bit / 64].fetch_or(mask, Ordering::Relaxed);
+        if before & mask != 0 {
+            return true;
+        }
+        if self.sightings.fetch_add(1, Ordering::Relaxed) + 1 >= (DOORKEEPER_BITS / 2) as u64 {
+            self.sightings.store(0, Ordering::Relaxed);
+            for word in &self.seen {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+        false
     }
 
     fn shard(&self, id: ItemId) -> &Mutex<HashMap<ItemId, u64>> {
@@ -241,6 +276,14 @@ mod tests {
             near.get(id(7), 0).map(|e| e.value),
             Some(entry(2, 10).value)
         );
+    }
+
+    #[test]
+    fn an_id_is_admitted_on_its_second_sighting() {
+        let near = live(1 << 20);
+        assert!(!near.admit(id(5)), "first read: not stored");
+        assert!(near.admit(id(5)), "read again: stored");
+        assert!(!near.admit(id(6)));
     }
 
     #[test]

@@ -114,6 +114,7 @@ async fn an_invalidation_during_a_read_keeps_the_old_entry_out_of_the_near_cache
     let b = a.another_instance().await;
     let id = a.create_item("raced", 1).await["id"].as_i64().unwrap();
     b.get_item(id).await; // v1 in Redis
+    a.get_item(id).await; // seen once by A's near cache: the next read of it stores
 
     // A reads v1 from Redis and stops before storing it in its near cache.
     let armed = failpoints::arm(
