@@ -180,7 +180,7 @@ impl Cache {
         if let Some(entry) = near.get(id, now_ms()) {
             return Ok(Some((entry, Layer::Near)));
         }
-        let ticket = near.admit(id).then(|| near.ticket(id));
+        let ticket = near.admit(id, now_ms()).then(|| near.ticket(id));
         let got = self.get(id).await;
         if let (Ok(Some(entry)), Some(ticket)) = (&got, ticket)
             && entry.is_fresh(now_ms())
@@ -219,7 +219,7 @@ impl Cache {
                 Some(entry) => found[i] = Some(entry),
                 None => ask.push((
                     i,
-                    near.filter(|near| near.admit(id))
+                    near.filter(|near| near.admit(id, now))
                         .map(|near| near.ticket(id)),
                 )),
             }

@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::cache::{Cached, Entry};
@@ -58,6 +58,10 @@ pub struct Near {
     seen: Box<[AtomicU64]>,
     /// First sightings since the doorkeeper was last cleared.
     sightings: AtomicU64,
+    /// When it was last cleared (Unix ms), and how often it is: an entry's life, so that
+    /// "seen again" means "read twice within about the time it would be kept".
+    cleared_ms: AtomicI64,
+    clear_every_ms: i64,
 }
 
 /// A read's right to store what it is about to read from Redis (see the module docs).
@@ -114,13 +118,25 @@ impl Near {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             sightings: AtomicU64::new(0),
+            cleared_ms: AtomicI64::new(0),
+            clear_every_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1),
         }
     }
 
     /// Whether `id` was read from Redis lately (then its entry is worth storing); marks it
-    /// as read either way. Cleared when half its bits have been set, so that it forgets
-    /// what is no longer read and its false "seen" stay rare.
-    pub fn admit(&self, id: ItemId) -> bool {
+    /// as read either way. Cleared every entry life (`now_ms` tells), and when half its bits
+    /// have been set, so that it forgets what is no longer read and its false "seen" stay
+    /// rare.
+    pub fn admit(&self, id: ItemId, now_ms: i64) -> bool {
+        let cleared = self.cleared_ms.load(Ordering::Relaxed);
+        if now_ms - cleared >= self.clear_every_ms
+            && self
+                .cleared_ms
+                .compare_exchange(cleared, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.clear_doorkeeper();
+        }
         // Fibonacci hashing: consecutive ids spread over the words.
         let hash = (id.get() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let bit = (hash >> 44) as usize & (DOORKEEPER_BITS - 1);
@@ -130,12 +146,16 @@ impl Near {
             return true;
         }
         if self.sightings.fetch_add(1, Ordering::Relaxed) + 1 >= (DOORKEEPER_BITS / 2) as u64 {
-            self.sightings.store(0, Ordering::Relaxed);
-            for word in &self.seen {
-                word.store(0, Ordering::Relaxed);
-            }
+            self.clear_doorkeeper();
         }
         false
+    }
+
+    fn clear_doorkeeper(&self) {
+        self.sightings.store(0, Ordering::Relaxed);
+        for word in &self.seen {
+            word.store(0, Ordering::Relaxed);
+        }
     }
 
     fn shard(&self, id: ItemId) -> &Mutex<HashMap<ItemId, u64>> {
@@ -281,9 +301,14 @@ mod tests {
     #[test]
     fn an_id_is_admitted_on_its_second_sighting() {
         let near = live(1 << 20);
-        assert!(!near.admit(id(5)), "first read: not stored");
-        assert!(near.admit(id(5)), "read again: stored");
-        assert!(!near.admit(id(6)));
+        assert!(!near.admit(id(5), 1), "first read: not stored");
+        assert!(near.admit(id(5), 2), "read again: stored");
+        assert!(!near.admit(id(6), 3));
+        // An entry's life later (60 s here), it has forgotten.
+        assert!(
+            !near.admit(id(5), 60_003),
+            "read again much later: a first read"
+        );
     }
 
     #[test]
