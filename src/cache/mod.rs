@@ -125,8 +125,6 @@ pub struct Fill {
     pub noted: Stamp,
     pub entry: Entry,
     pub ttl: Duration,
-    /// The lease the filler holds on the id, released by the fill (`lease`).
-    pub lease: Option<LeaseToken>,
 }
 
 #[derive(Clone)]
@@ -210,37 +208,26 @@ impl Cache {
     /// The entries for `ids`, in order: those the near cache holds fresh, and one `MGET` for
     /// the rest (fresh ones then stored in the near cache, as in [`Cache::lookup`]).
     pub async fn mget(&self, ids: &[ItemId]) -> Result<Vec<Option<Entry>>, CacheError> {
-        let near = self.near.as_ref().filter(|near| near.is_live());
+        let Some(near) = self.near.as_ref().filter(|near| near.is_live()) else {
+            return self.mget_redis(ids).await;
+        };
         let mut found: Vec<Option<Entry>> = vec![None; ids.len()];
         let mut ask = Vec::with_capacity(ids.len());
         let now = now_ms();
         for (i, &id) in ids.iter().enumerate() {
-            match near.and_then(|near| near.get(id, now)) {
+            match near.get(id, now) {
                 Some(entry) => found[i] = Some(entry),
-                None => ask.push((
-                    i,
-                    near.filter(|near| near.admit(id, now))
-                        .map(|near| near.ticket(id)),
-                )),
+                None => ask.push((i, near.admit(id, now).then(|| near.ticket(id)))),
             }
         }
         if ask.is_empty() {
             return Ok(found);
         }
-        let mut cmd = ::redis::cmd("MGET");
-        for (i, _) in &ask {
-            cmd.arg(self.keys.entry(ids[*i]));
-        }
-        let values = match self.run(CacheOp::Mget, &cmd).await {
-            Ok(Value::Array(values)) if values.len() == ask.len() => Ok(values),
-            Ok(_) => Err(CacheError::UnexpectedReply("MGET")),
-            Err(e) => Err(e),
-        };
-        let now = now_ms();
+        let asked: Vec<ItemId> = ask.iter().map(|&(i, _)| ids[i]).collect();
         // On an error the tickets are dropped, which frees them.
-        let values = values?;
-        for ((i, ticket), value) in ask.into_iter().zip(values) {
-            let entry = entry_of(value);
+        let entries = self.mget_redis(&asked).await?;
+        let now = now_ms();
+        for ((i, ticket), entry) in ask.into_iter().zip(entries) {
             if let (Some(ticket), Some(entry)) = (ticket, &entry)
                 && entry.is_fresh(now)
             {
@@ -249,6 +236,20 @@ impl Cache {
             found[i] = entry;
         }
         Ok(found)
+    }
+
+    /// The entries for `ids` in Redis, in order: one `MGET`.
+    async fn mget_redis(&self, ids: &[ItemId]) -> Result<Vec<Option<Entry>>, CacheError> {
+        let mut cmd = ::redis::cmd("MGET");
+        for &id in ids {
+            cmd.arg(self.keys.entry(id));
+        }
+        match self.run(CacheOp::Mget, &cmd).await? {
+            Value::Array(values) if values.len() == ids.len() => {
+                Ok(values.into_iter().map(entry_of).collect())
+            }
+            _ => Err(CacheError::UnexpectedReply("MGET")),
+        }
     }
 
     /// The current write stamps of `ids`, in order, with the flush token: one `MGET`.
@@ -353,9 +354,14 @@ impl Cache {
         Ok(filled.first() == Some(&1))
     }
 
-    /// Stores each entry whose stamp is unchanged, in one script call. Returns how many
-    /// were stored; the others were written since their stamp was noted.
-    pub async fn fill(&self, fills: &[Fill]) -> Result<usize, CacheError> {
+    /// Stores each entry whose stamp is unchanged, in one script call (one per slot with a
+    /// cluster), and releases `lease` on their ids (`lease`). Returns how many were stored;
+    /// the others were written since their stamp was noted.
+    pub async fn fill(
+        &self,
+        fills: &[Fill],
+        lease: Option<&LeaseToken>,
+    ) -> Result<usize, CacheError> {
         if fills.is_empty() {
             return Ok(0);
         }
@@ -375,7 +381,7 @@ impl Cache {
                             .arg(fill.noted.flush.as_ref())
                             .arg(fill.entry.encode())
                             .arg(fill.ttl.as_millis().max(1) as u64)
-                            .arg(fill.lease.as_ref().map_or("", LeaseToken::as_str));
+                            .arg(lease.map_or("", LeaseToken::as_str));
                     }
                     self.invoke::<Vec<i64>>(CacheOp::Set, &invocation).await
                 },

@@ -538,12 +538,11 @@ impl ItemService {
                         load_ms,
                     },
                     ttl: keep,
-                    lease: lease.cloned(),
                 }
             })
             .collect();
         // A failed fill only costs a later miss; it is counted in cache/.
-        if let Err(e) = self.inner.cache.fill(&fills).await {
+        if let Err(e) = self.inner.cache.fill(&fills, lease).await {
             tracing::debug!(error = %e, "cache fill failed");
         }
     }
