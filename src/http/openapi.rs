@@ -210,9 +210,10 @@ fn shared_headers() -> BTreeMap<String, RefOr<Header>> {
              used). A hit on one item adds `ttl`, the entry's remaining freshness in \
              seconds (negative: served past freshness while it is revalidated), and \
              `detail=early-refresh` or `detail=stale-while-revalidate` when it started a \
-             background refresh.",
+             background refresh, else `detail=near` when the in-process near cache \
+             answered (`CACHE_L1_MAX_MB`).",
             string(Some(
-                r"^itemcache; (hit(; ttl=-?[0-9]+)?(; detail=(early-refresh|stale-while-revalidate))?|fwd=miss; stored|fwd=stale; fwd-status=503|fwd=bypass)$",
+                r"^itemcache; (hit(; ttl=-?[0-9]+)?(; detail=(early-refresh|stale-while-revalidate|near))?|fwd=miss; stored|fwd=stale; fwd-status=503|fwd=bypass)$",
             ))
             .build(),
             json!("itemcache; hit"),
