@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::servers::RedisCluster;
-use crate::support::{Spawn, TestApp, eventually, header};
+use crate::support::{Spawn, TestApp, command, eventually, header};
 
 async fn cluster_app(cluster: &RedisCluster) -> TestApp {
     Spawn::default()
@@ -26,13 +26,7 @@ async fn cluster_cmd<T: redis::FromRedisValue>(cluster: &RedisCluster, args: &[&
         .get_async_connection()
         .await
         .expect("cluster connection");
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    cmd.query_async(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    command(&mut conn, args).await
 }
 
 async fn version_of(response: reqwest::Response) -> i64 {

@@ -112,6 +112,20 @@ impl Backends {
     }
 }
 
+/// Runs `args` (a command and its arguments) on `conn`; returns its reply.
+pub async fn command<T: redis::FromRedisValue>(
+    conn: &mut impl redis::aio::ConnectionLike,
+    args: &[&str],
+) -> T {
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
 /// How to configure one test's application.
 #[derive(Default)]
 pub struct Spawn {
@@ -408,13 +422,7 @@ impl TestApp {
             .get_multiplexed_async_connection()
             .await
             .expect("redis");
-        let mut cmd = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            cmd.arg(*arg);
-        }
-        cmd.query_async(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        command(&mut conn, args).await
     }
 
     /// The raw Redis value of `key` (under this test's prefix).

@@ -107,6 +107,17 @@ pub fn wait_for_port(port: u16, deadline: Duration) -> bool {
     false
 }
 
+/// A `redis-server` on loopback `port` that persists nothing, with `extra` arguments.
+fn redis_server(port: u16, extra: &[&str]) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed; scripts/test installs it")
+}
+
 /// A Postgres cluster of our own.
 pub struct PgServer {
     pub port: u16,
@@ -245,20 +256,7 @@ impl RedisServer {
     }
 
     fn spawn(port: u16) -> RedisProcess {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed; scripts/test installs it");
+        let child = redis_server(port, &[]);
         let guardian = guardian(&format!("kill -CONT {0}; kill -9 {0}", child.id()));
         assert!(
             wait_for_port(port, Duration::from_secs(10)),
@@ -323,12 +321,9 @@ impl RedisCluster {
         let nodes: Vec<ClusterNode> = (0..6)
             .map(|_| {
                 let port = free_port();
-                let child = Command::new("redis-server")
-                    .args([
-                        "--port",
-                        &port.to_string(),
-                        "--bind",
-                        "127.0.0.1",
+                let child = redis_server(
+                    port,
+                    &[
                         "--cluster-enabled",
                         "yes",
                         "--cluster-config-file",
@@ -340,14 +335,8 @@ impl RedisCluster {
                         "0",
                         "--dir",
                         dir.to_str().expect("utf-8 temp dir"),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ])
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("redis-server is installed; scripts/test installs it");
+                    ],
+                );
                 let guardian = guardian(&format!(
                     "kill -CONT {0}; kill -9 {0}; rm -rf {1}",
                     child.id(),
