@@ -37,7 +37,9 @@ pub const LEASE_WAIT: Duration = Duration::from_secs(1);
 /// filler has just released and load again (it is told "not taken", and its first poll
 /// finds the entry).
 ///
-/// KEYS: lease, entry pairs. ARGV: token, ttl_ms, now_ms. Returns 1 (taken) or 0 (held by
+/// KEYS: lease, entry pairs. ARGV: token, ttl_ms, and the freshness an entry must exceed to
+/// make the load needless (now for a miss; for a background refresh, the freshness of the
+/// entry it would renew). Returns 1 (taken) or 0 (held by
 /// another load, or filled) for each pair.
 const ACQUIRE_SCRIPT: &str = r"
 local taken = {}
@@ -98,14 +100,15 @@ pub struct Polled {
 }
 
 impl Cache {
-    /// Takes the lease on each of `ids` that no other load holds and that is not fresh in
-    /// the cache: one script call. `true` for each id whose lease this load now holds.
+    /// Takes the lease on each of `ids` that no other load holds and whose entry is not
+    /// fresh past `outdated_ms`: one script call (one per slot with a cluster). `true` for
+    /// each id whose lease this load now holds.
     pub async fn acquire_leases(
         &self,
         ids: &[ItemId],
         token: &LeaseToken,
+        outdated_ms: i64,
     ) -> Result<Vec<bool>, CacheError> {
-        let now_ms = chrono::Utc::now().timestamp_millis();
         let taken = self
             .per_slot(
                 ids,
@@ -118,7 +121,7 @@ impl Cache {
                     invocation
                         .arg(token.as_str())
                         .arg(LEASE_TTL.as_millis() as u64)
-                        .arg(now_ms);
+                        .arg(outdated_ms);
                     self.invoke::<Vec<i64>>(CacheOp::Lease, &invocation).await
                 },
             )

@@ -145,14 +145,11 @@ enum Tag {
     Unstamped(u64),
 }
 
-/// Whether a load that will fill takes the fleet's leases (`fleet`). A miss does; a
-/// background refresh does not: its entry is still fresh, and a lease is refused on a
-/// fresh entry (that is how a miss learns that another instance has just filled it).
+/// What makes a load needless (`fleet`): an entry in the cache fresh until after this
+/// (Unix ms). For a miss, now: any fresh entry answers it. For a background refresh, the
+/// freshness of the entry its hit saw: only a renewed entry answers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Leases {
-    Take,
-    Skip,
-}
+struct Outdated(i64);
 
 /// Cache TTLs, from the settings.
 #[derive(Debug, Clone)]
@@ -235,9 +232,9 @@ impl ItemService {
     /// Refreshes `id`'s entry off the request path, once at a time per id: notes its stamp,
     /// then loads it through the flights (a miss of the same id joins it) and fills it if
     /// no write came in between, like any miss.
-    /// `seen_until`: the freshness of the entry the hit saw; if the entry is fresher by the
-    /// time the refresh starts, another refresh already renewed it (a hit that read the old
-    /// entry just before that one finished), and nothing is loaded.
+    /// `seen_until`: the freshness of the entry the hit saw. A refresh that finds the entry
+    /// renewed already (another refresh, here or on another instance) loads nothing: its
+    /// lease is refused and its wait answers from the renewed entry (`fleet`).
     fn refresh_in_background(&self, id: ItemId, seen_until: i64) {
         let first = self
             .inner
@@ -253,18 +250,9 @@ impl ItemService {
             // Not the answer of a load that finished a moment ago (a lingering flight): the
             // point is a newer one.
             service.inner.flights.forget(&id);
-            let renewed = matches!(
-                service.inner.cache.get(id).await,
-                Ok(Some(entry)) if entry.fresh_until_ms > seen_until
-            );
-            let (noted, _) = if renewed {
-                (None, CacheStatus::Hit)
-            } else {
-                service.note_if(true, &[id]).await
-            };
+            let (noted, _) = service.note_if(true, &[id]).await;
             if noted.is_some() {
-                // Per instance only: the fleet's leases would find the entry fresh (`fleet`).
-                service.load(&[id], noted, Leases::Skip).await;
+                service.load(&[id], noted, Outdated(seen_until)).await;
             }
             service
                 .inner
@@ -332,7 +320,7 @@ impl ItemService {
     ) -> Result<Lookup<Option<ItemJson>>, ServiceError> {
         let started = Instant::now();
         let (noted, status) = self.note_if(looked.is_some(), &[id]).await;
-        let mut loaded = self.load(&[id], noted, Leases::Take).await;
+        let mut loaded = self.load(&[id], noted, Outdated(now_ms())).await;
         let db = Some(started.elapsed());
         let stale = looked.flatten();
         let (value, status) = settle(answer(&mut loaded, id), stale, status)?;
@@ -402,7 +390,7 @@ impl ItemService {
         if !to_load.is_empty() {
             let started = Instant::now();
             let (noted, status) = self.note_if(cache_read, &to_load).await;
-            let mut loaded = self.load(&to_load, noted, Leases::Take).await;
+            let mut loaded = self.load(&to_load, noted, Outdated(now)).await;
             db = Some(started.elapsed());
             for id in to_load {
                 let (value, status) = settle(answer(&mut loaded, id), stale.remove(&id), status)?;
@@ -420,7 +408,12 @@ impl ItemService {
     /// A reader joins another's load only if both noted the same write stamp: then no
     /// write came between the leader's note and ours, so the leader's read is at least as
     /// new as any write acknowledged before we started.
-    async fn load(&self, ids: &[ItemId], noted: Noted, leases: Leases) -> HashMap<ItemId, Loaded> {
+    async fn load(
+        &self,
+        ids: &[ItemId],
+        noted: Noted,
+        outdated: Outdated,
+    ) -> HashMap<ItemId, Loaded> {
         let noted = noted.as_ref();
         let unstamped = self.inner.unstamped.fetch_add(1, Ordering::Relaxed);
         let tag = |id: &ItemId| match noted.and_then(|n| n.get(id)) {
@@ -430,7 +423,7 @@ impl ItemService {
         let landed = self
             .inner
             .flights
-            .run(ids, tag, |keys| self.load_and_fill(keys, noted, leases))
+            .run(ids, tag, |keys| self.load_and_fill(keys, noted, outdated))
             .await;
         if landed.coalesced > 0 {
             metrics::record_coalesced(landed.coalesced);
@@ -445,11 +438,11 @@ impl ItemService {
         &self,
         ids: Vec<ItemId>,
         noted: Option<&HashMap<ItemId, Stamp>>,
-        leases: Leases,
+        outdated: Outdated,
     ) -> HashMap<ItemId, Loaded> {
-        match (noted, leases) {
-            (Some(noted), Leases::Take) => self.load_under_leases(ids, noted).await,
-            (noted, _) => self.read_and_fill(ids, noted, None).await,
+        match noted {
+            Some(noted) => self.load_under_leases(ids, noted, outdated).await,
+            None => self.read_and_fill(ids, None, None).await,
         }
     }
 

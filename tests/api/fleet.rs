@@ -7,8 +7,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cache_races::reader_paused_before_fill;
+use crate::freshness::{entry_times, short_lived};
 use crate::support::servers::{NginxServer, RedisCluster};
-use crate::support::{Spawn, TestApp, header, staleness};
+use crate::support::{Spawn, TestApp, eventually, header, staleness};
 
 /// Three instances of one app (same database, Redis and key prefix).
 async fn three_instances(app: TestApp) -> Vec<Arc<TestApp>> {
@@ -199,4 +200,31 @@ async fn through_nginx_and_each_instance_of_a_fleet_on_a_cluster_no_read_goes_ba
             .unwrap();
         assert_eq!(response.status(), 200);
     }
+}
+
+#[tokio::test]
+async fn an_expired_entry_hit_on_two_instances_at_once_is_refreshed_once() {
+    let a = short_lived().await; // fresh 1 s, then served while revalidated for 30 s
+    let b = a.another_instance().await;
+    let id = a.insert_items(1).await[0];
+    assert_eq!(header(&a.get_item(id).await, "x-cache"), "MISS");
+    let (first_fresh_until, _) = entry_times(&a, id).await.expect("an entry");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = a.item_queries().await;
+
+    // Both hits are past freshness: each instance starts a background refresh.
+    let (on_a, on_b) = tokio::join!(a.get_item(id), b.get_item(id));
+    assert_eq!(header(&on_a, "x-cache"), "HIT");
+    assert_eq!(header(&on_b, "x-cache"), "HIT");
+    eventually("the entry renewed", Duration::from_secs(5), || async {
+        let (fresh_until, _) = entry_times(&a, id).await?;
+        (fresh_until > first_fresh_until).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        a.item_queries().await - before,
+        1,
+        "one refresh for the fleet: the other instance's was refused its lease"
+    );
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::support::{Spawn, TestApp, eventually, header};
 
-async fn short_lived() -> TestApp {
+pub(crate) async fn short_lived() -> TestApp {
     Spawn::default()
         .var("CACHE_TTL_SECS", 1)
         .var("CACHE_TTL_JITTER", 0)
@@ -19,7 +19,7 @@ async fn short_lived() -> TestApp {
 }
 
 /// The raw entry's `(fresh_until_ms, load_ms)`.
-async fn entry_times(app: &TestApp, id: i64) -> Option<(i64, i64)> {
+pub(crate) async fn entry_times(app: &TestApp, id: i64) -> Option<(i64, i64)> {
     let raw = app.redis_get(&format!("item:{id}")).await?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let times = text.split(' ').nth(1)?;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::{ItemService, Loaded, item_of, now_ms};
+use super::{ItemService, Loaded, Outdated, item_of, now_ms};
 use crate::cache::lease::LEASE_WAIT;
 use crate::cache::{CacheError, LeaseToken, Stamp};
 use crate::items::model::ItemId;
@@ -69,9 +69,15 @@ impl ItemService {
         &self,
         ids: Vec<ItemId>,
         noted: &HashMap<ItemId, Stamp>,
+        outdated: Outdated,
     ) -> HashMap<ItemId, Loaded> {
         let token = LeaseToken::new();
-        let taken = match self.inner.cache.acquire_leases(&ids, &token).await {
+        let taken = match self
+            .inner
+            .cache
+            .acquire_leases(&ids, &token, outdated.0)
+            .await
+        {
             Ok(taken) => taken,
             Err(_) => {
                 // Redis failing: load as without leases. The script may still have taken
@@ -104,7 +110,8 @@ impl ItemService {
                 self.read_and_fill(mine, Some(noted), Some(&token)).await
             }
         };
-        let (mut answers, (waited, left)) = tokio::join!(load_mine, self.wait_for_fills(theirs));
+        let (mut answers, (waited, left)) =
+            tokio::join!(load_mine, self.wait_for_fills(theirs, outdated));
         // Released by the fill (or by the failed read).
         held.ids.clear();
         answers.extend(waited);
@@ -117,7 +124,11 @@ impl ItemService {
     /// Polls the entries and leases of `ids` (held by other loads) until each is filled,
     /// its lease is gone, or [`LEASE_WAIT`] has passed. Returns the answers the fills gave,
     /// and the ids left to load.
-    async fn wait_for_fills(&self, mut ids: Vec<ItemId>) -> (HashMap<ItemId, Loaded>, Vec<ItemId>) {
+    async fn wait_for_fills(
+        &self,
+        mut ids: Vec<ItemId>,
+        outdated: Outdated,
+    ) -> (HashMap<ItemId, Loaded>, Vec<ItemId>) {
         let mut answers = HashMap::new();
         let mut left = Vec::new();
         let deadline = Instant::now() + LEASE_WAIT;
@@ -135,7 +146,7 @@ impl ItemService {
             let mut waiting = Vec::with_capacity(ids.len());
             for (id, polled) in ids.into_iter().zip(polled) {
                 match polled.entry {
-                    Some(entry) if entry.is_fresh(now) => {
+                    Some(entry) if entry.is_fresh(now) && entry.fresh_until_ms > outdated.0 => {
                         answers.insert(id, Ok(item_of(entry)));
                     }
                     _ if polled.leased => waiting.push(id),
