@@ -3,6 +3,8 @@
 
     analyze.py report RAW OUT [--duration SECS]   -> OUT/latest.{json,md}, OUT/*.png
     analyze.py profile RAW OUT                    -> OUT/profile.md (from perf report text)
+    analyze.py profile RAW OUT --tags bypass,cold --file profile-misspath.md
+                                                  -> one section per profiled load (--only misspath)
 
 RAW holds what bench/run wrote: meta.json, phases.jsonl, *.wrk.txt (a WRKJSON line from
 bench/lua/report.lua), ref-redis-c*.csv, ref-pgbench-c*.txt, *.oha.json, stampede-*.json,
@@ -124,9 +126,11 @@ def load_pgbench(path):
     tps = re.search(r"^tps = ([0-9.]+)", text, re.M)
     lat = re.search(r"^latency average = ([0-9.]+) ms", text, re.M)
     failed = re.search(r"number of failed transactions: (\d+)", text)
+    done = re.search(r"number of transactions actually processed: (\d+)", text)
     return {
         "tool": "pgbench",
         "rps": float(tps.group(1)) if tps else 0.0,
+        "requests": int(done.group(1)) if done else None,
         "latency_ms": {"mean": float(lat.group(1)) if lat else None},
         "errors": int(failed.group(1)) if failed else 0,
     }
@@ -511,7 +515,7 @@ def report(raw, out, duration):
     runs = {}
     for path in sorted(glob.glob(os.path.join(raw, "*.wrk.txt"))):
         name = os.path.basename(path)[: -len(".wrk.txt")]
-        if name in ("cold.warmup", "profile"):
+        if name == "cold.warmup" or name.startswith("profile"):
             continue
         runs[name] = load_wrk(path)
     for path in sorted(glob.glob(os.path.join(raw, "*.oha.json"))):
@@ -721,6 +725,9 @@ def report(raw, out, duration):
     targets.extend(scenarios.targets(more))
     if meta.get("only"):  # a partial run: only the targets it measured
         targets = [t for t in targets if t["pass"] is not None]
+    if meta.get("only") == "misspath":  # step 13: its own targets table, with references
+        more["misspath"] = scenarios.misspath_results(raw, phases, runs, refs, meta)
+        targets = scenarios.misspath_targets(more["misspath"]) if more["misspath"] else []
 
     result = {
         "meta": meta,
@@ -744,7 +751,7 @@ def report(raw, out, duration):
         f.write(markdown(result))
     print(os.path.join(out, "latest.md"))
     for t in targets:
-        print(f"  {'PASS' if t['pass'] else 'FAIL' if t['pass'] is False else '  ? '}  {t['target']}: {t['measured']} -> {t['ratio']}")
+        print(f"  {'info' if t.get('info') else 'PASS' if t['pass'] else 'FAIL' if t['pass'] is False else '  ? '}  {t['target']}: {t['measured']} -> {t['ratio']}")
 
 
 # --- plots --------------------------------------------------------------------------------
@@ -988,11 +995,16 @@ def markdown(res):
     L.append(f"Machine: {mach['nproc']} cores ({mach['cpu_model']}), {mach['mem_gib']} GiB, Linux {mach['kernel']}. "
              f"Service, Postgres, Redis and the load generators all share these cores, on loopback.\n")
     src = m.get("source")
-    if src:
+    if src and src.get("build", True):
         L.append(f"Source: commit `{src['commit']}`"
                  + (f" with {src['uncommitted_files_in_src']} uncommitted file(s) in src/, Cargo.*, migrations/"
                     if src["uncommitted_files_in_src"] else ", clean") + " (the binary was built from the working tree)"
                  + (f"; {src['note']}" if src.get("note") else "") + ".\n")
+    elif src:  # --no-build: the binary as found, whatever the checkout holds now
+        L.append(f"Binary: `{src.get('binary')}` as found (`--no-build`); the checkout was at `{src['commit']}`"
+                 + (f" with {src['uncommitted_files_in_src']} uncommitted file(s) in src/, Cargo.*, migrations/"
+                    if src["uncommitted_files_in_src"] else ", clean")
+                 + (f". {src['note']}" if src.get("note") else "") + ".\n")
     L.append("Versions: " + "; ".join(f"{k} `{val}`" for k, val in v.items()) + ".\n")
     q = m["quiet"]
     busy = q["busy_processes_at_start"] or "none"
@@ -1015,7 +1027,8 @@ def markdown(res):
     L.append("| target | measured | ratio | needed | result |")
     L.append("| --- | --- | --- | --- | --- |")
     for t in res["targets"]:
-        verdict = "**pass**" if t["pass"] else "**FAIL**" if t["pass"] is False else "n/a"
+        verdict = ("information" if t.get("info") else "**pass**" if t["pass"] else "**FAIL**" if t["pass"] is False
+                   else "n/a")
         L.append(f"| {t['target']} | {t['measured']} | {fmt(t['ratio'], 3)} | {t['threshold']} | {verdict} |")
     L.append("")
 
@@ -1276,7 +1289,9 @@ def feed_markdown(res):
 CATEGORIES = [
     ("our code (itemcache)", re.compile(r"^itemcache::")),
     ("actix (web, http, server, service)", re.compile(r"^(actix|actix_web|actix_http|actix_server|actix_service|actix_router|actix_rt|actix_codec|actix_utils|local_channel|h2|httparse|http)::")),
-    ("redis client (redis, combine, deadpool)", re.compile(r"^(redis|combine|deadpool|deadpool_redis|deadpool_runtime)::")),
+    ("redis client (redis, combine, deadpool_redis)", re.compile(r"^(redis|combine|deadpool_redis)::")),
+    ("Postgres client (diesel, diesel-async, tokio-postgres)", re.compile(r"^(diesel|diesel_async|diesel_derives|tokio_postgres|postgres_protocol|postgres_types|fallible_iterator|stringprep|whoami)::")),
+    ("connection pools (deadpool)", re.compile(r"^(deadpool|deadpool_runtime|deadpool_postgres)::")),
     ("tokio runtime", re.compile(r"^(tokio|mio|tokio_util)::")),
     ("metrics (metrics, exporter, quanta)", re.compile(r"^(metrics|metrics_exporter_prometheus|metrics_util|quanta|sketches_ddsketch)::")),
     ("tracing", re.compile(r"^(tracing|tracing_core|tracing_subscriber)::")),
@@ -1315,6 +1330,8 @@ def classify(dso, symbol):
         return "Rust std / alloc / core / hashbrown"
     if dso.startswith("[unknown]") or sym.startswith("0x"):
         return "unknown"
+    if re.match(r"^_?mi_", sym):
+        return "allocator (mimalloc)"
     inner = crate_of(sym)
     for name, rx in CATEGORIES:
         if rx.match(inner):
@@ -1322,17 +1339,100 @@ def classify(dso, symbol):
     return "other: " + (inner.split("::")[0] if "::" in inner else inner[:40])
 
 
-def profile(raw, out):
-    self_path = os.path.join(raw, "perf-self.txt")
+# The loads bench/run profiles, by suffix of their files (perf<SFX>.data, ...), for the
+# hit path's runs, whose profile.json did not exist yet.
+HIT_PATH_LOAD = {"title": "hit path, uniform ids, all cached, 64 connections", "conns": 64, "wrk_threads": 2}
+
+
+def thread_group(comm):
+    """actix's HTTP workers ("actix-server worker N", cut to 15 characters) as one group."""
+    comm = comm.strip()
+    if comm.startswith("actix-server wo"):
+        return "actix-server worker (HTTP workers)"
+    if comm.startswith("tokio-rt-worker"):
+        return "tokio-rt-worker (main runtime)"
+    return comm
+
+
+def read_self(path):
+    """perf report --no-children text: rows (pct, comm or None, dso, symbol). Reads the
+    --sort comm,dso,symbol -t '|' form and the older --sort dso,symbol padded form."""
     rows = []
-    with open(self_path) as f:
+    with open(path) as f:
         for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            if "|" in line:
+                parts = [p.strip() for p in line.split("|")]
+                if len(parts) >= 4 and parts[0].endswith("%") and re.match(r"^\[[.k]\]\s", parts[3]):
+                    rows.append((float(parts[0][:-1]), parts[1], parts[2], parts[3]))
+                continue
             m = re.match(r"^\s+([0-9.]+)%\s+(\S+)\s+(\[[.k]\]\s.*)$", line)
             if m:
                 # perf pads the symbol column and may end the line with "-" columns.
-                rows.append((float(m.group(1)), m.group(2), re.sub(r"[\s-]+$", "", m.group(3))))
+                rows.append((float(m.group(1)), None, m.group(2), re.sub(r"[\s-]+$", "", m.group(3))))
+    return rows
+
+
+def read_children(path):
+    """perf report --children text: rows (children pct, self pct, symbol, in the kernel)."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"^\s+([0-9.]+)%\s+([0-9.]+)%\s+\[([.k])\]\s+(.*)$", line)
+            if m:
+                out.append((float(m.group(1)), float(m.group(2)), re.sub(r"[\s-]+$", "", m.group(4)),
+                            m.group(3) == "k"))
+    return out
+
+
+def read_stat(path):
+    """perf stat text, plain or --per-thread: {"elapsed_s", "total": {event: n}, "threads":
+    {thread group: {event: n}}} (task-clock in ms)."""
+    if not os.path.exists(path):
+        return None
+    text = open(path).read()
+    el = re.search(r"([0-9.]+) seconds time elapsed", text)
+    out = {"elapsed_s": float(el.group(1)) if el else None, "total": {}, "threads": {}}
+    for line in text.splitlines():
+        m = re.match(r"^\s*(?:(.+)-(\d+)\s+)?([0-9][0-9.,]*)\s+(?:msec\s+)?(context-switches|cpu-migrations|task-clock)\b",
+                     line)
+        if not m:
+            continue
+        v = float(m.group(3).replace(",", ""))
+        ev = m.group(4)
+        out["total"][ev] = out["total"].get(ev, 0) + v
+        if m.group(1):
+            g = out["threads"].setdefault(thread_group(m.group(1)), {})
+            g[ev] = g.get(ev, 0) + v
+            g["threads"] = g.get("threads", 0) + (1 if ev == "context-switches" else 0)
+    return out
+
+
+def stat_window(raw, sfx):
+    """Requests, service and Postgres CPU over the perf stat window: the probe snapshots
+    labelled profile<SFX>.stat.before / .after (bench/run profile_load)."""
+    snaps = {s.get("label"): s for s in load_jsonl(os.path.join(raw, "probe.jsonl"))}
+    a, b = snaps.get(f"profile{sfx}.stat.before"), snaps.get(f"profile{sfx}.stat.after")
+    if not a or not b:
+        return None
+    la, lb = (a.get("metrics") or {}).get("lookups", {}), (b.get("metrics") or {}).get("lookups", {})
+    req = sum(lb.values()) - sum(la.values())
+    pa, pb = (a.get("pg") or {}).get("primary", {}), (b.get("pg") or {}).get("primary", {})
+    return {"seconds": b["t"] - a["t"], "requests": req,
+            "service_cpu_s": (b.get("svc_cpu_s") or 0) - (a.get("svc_cpu_s") or 0),
+            "postgres_cpu_s": (pb.get("cpu_s") or 0) - (pa.get("cpu_s") or 0) if pb.get("cpu_s") is not None else None}
+
+
+def profile_section(raw, out, sfx, level="##"):
+    """Markdown lines for one profiled load (RAW/perf-self<SFX>.txt and its companions)."""
+    h = level + "#"
+    rows = read_self(os.path.join(raw, f"perf-self{sfx}.txt"))
+    load = load_json(os.path.join(raw, f"profile{sfx}.json")) or (HIT_PATH_LOAD if sfx == "" else {"title": sfx})
     cats = {}
-    for pct, dso, sym in rows:
+    for pct, _, dso, sym in rows:
         cats[classify(dso, sym)] = cats.get(classify(dso, sym), 0) + pct
     merged = {}
     for k, v in cats.items():
@@ -1340,111 +1440,196 @@ def profile(raw, out):
         merged[key] = merged.get(key, 0) + v
     others = sorted(((k[7:], v) for k, v in cats.items() if k.startswith("other: ")), key=lambda kv: -kv[1])
 
-    children = []
-    cpath = os.path.join(raw, "perf-children.txt")
-    if os.path.exists(cpath):
-        with open(cpath) as f:
-            for line in f:
-                m = re.match(r"^\s+([0-9.]+)%\s+([0-9.]+)%\s+\[[.k]\]\s+(.*)$", line)
-                if not m:
-                    continue
-                sym = re.sub(r"[\s-]+$", "", m.group(3))
-                # Our own functions, also inlined ones ("poll<itemcache::...> (inlined)").
-                if crate_of(sym).startswith("itemcache::") or re.match(r"^[\w{}#]+<itemcache::", sym):
-                    children.append((float(m.group(1)), float(m.group(2)), sym))
     wrk = None
-    wpath = os.path.join(raw, "profile.wrk.txt")
+    wpath = os.path.join(raw, f"profile{sfx}.wrk.txt")
     if os.path.exists(wpath):
         mm = re.search(r"Requests/sec:\s+([0-9.]+)", open(wpath).read())
         wrk = float(mm.group(1)) if mm else None
     samples = None
-    log = os.path.join(raw, "perf-record.log")
+    log = os.path.join(raw, f"perf-record{sfx}.log")
     if os.path.exists(log):
         mm = re.search(r"\((\d+) samples\)", open(log).read())
         samples = int(mm.group(1)) if mm else None
+    L = [f"`perf record -e cpu-clock -F 499 --call-graph dwarf` on the service for 10 s while wrk drove the "
+         f"{load['title']} ({load.get('wrk_threads', 2)} wrk threads"
+         f"{f'; {wrk:,.0f} req/s over the whole wrk run, perf included' if wrk else ''}"
+         f"{f'; {samples:,} samples' if samples else ''}). Percentages are of the service's own CPU time. Raw data: "
+         f"`{os.path.relpath(raw, out)}` (perf-self{sfx}.txt, perf-children{sfx}.txt"
+         f"{f', perf{sfx}.folded' if os.path.exists(os.path.join(raw, f'perf{sfx}.folded')) else ''}).\n"]
+    if not rows:
+        return L + ["_(no perf report output)_\n"]
 
-    L = ["# Hit-path profile\n",
-         f"`perf record -e cpu-clock -F 499 --call-graph dwarf` on the service for 10 s while wrk drove the hit path "
-         f"(uniform ids, all cached, 64 connections, 2 threads{f', {wrk:,.0f} req/s under perf' if wrk else ''}"
-         f"{f'; {samples:,} samples' if samples else ''}). "
-         "This machine has no hardware counters (`perf stat -e instructions` is not supported), so samples are "
-         "timer-based (cpu-clock). Percentages are of the service's own CPU time. Raw data: "
-         f"`{os.path.relpath(raw, out)}` (perf-self.txt, perf-children.txt"
-         f"{', perf.folded' if os.path.exists(os.path.join(raw, 'perf.folded')) else ''}).\n",
-         "## Where the service's CPU goes (self time)\n",
-         "| category | self % |", "| --- | --- |"]
+    L += [f"{h} Where the service's CPU goes (self time)\n", "| category | self % |", "| --- | --- |"]
     for k, v in sorted(merged.items(), key=lambda kv: -kv[1]):
         L.append(f"| {k} | {v:.1f} |")
     L.append("")
     if others:
         L.append("Other crates: " + ", ".join(f"{k} {v:.1f} %" for k, v in others[:12]) + ".\n")
-    comm_path = os.path.join(raw, "perf-comm.txt")
-    if os.path.exists(comm_path):
-        threads = [(float(m.group(1)), m.group(2).strip()) for m in
-                   (re.match(r"^\s+([0-9.]+)%\s+(.*)$", line) for line in open(comm_path)) if m]
-        if threads:
-            L.append("## By thread\n")
-            L.append("| thread | % of the service's CPU |")
-            L.append("| --- | --- |")
-            for pct, name in threads:
-                L.append(f"| {name} | {pct:.1f} |")
+
+    # By thread: from the comm column (perf-self), or the older perf-comm.txt.
+    threads = {}
+    if rows[0][1] is not None:
+        for pct, comm, _, _ in rows:
+            threads[thread_group(comm)] = threads.get(thread_group(comm), 0) + pct
+    else:
+        comm_path = os.path.join(raw, f"perf-comm{sfx}.txt")
+        if os.path.exists(comm_path):
+            for m in (re.match(r"^\s+([0-9.]+)%\s+(.*)$", line) for line in open(comm_path)):
+                if m:
+                    threads[thread_group(m.group(2))] = threads.get(thread_group(m.group(2)), 0) + float(m.group(1))
+    stat = read_stat(os.path.join(raw, f"perf-stat{sfx}.txt"))
+    win = stat_window(raw, sfx)
+    req_s = None
+    if win and win["requests"] > 0 and win["seconds"] > 0:
+        req_s = win["requests"] / win["seconds"]
+    elif wrk:
+        req_s = wrk
+    if threads:
+        L.append(f"{h} By thread\n")
+        cs_col = bool(stat and stat["threads"])
+        L.append("| thread | % of the service's CPU (perf record) |"
+                 + (" CPUs used (perf stat) | context switches / s | per request |" if cs_col else ""))
+        L.append("| --- | --- |" + (" --- | --- | --- |" if cs_col else ""))
+        names = sorted(set(threads) | set(stat["threads"] if cs_col else {}), key=lambda n: -threads.get(n, 0))
+        for name in names:
+            line = f"| {name} | {threads.get(name, 0):.1f} |"
+            if cs_col:
+                t = stat["threads"].get(name, {})
+                el = stat["elapsed_s"] or 1
+                cs = t.get("context-switches")
+                line += (f" {t.get('task-clock', 0) / 1000 / el:.2f} | {fmt(cs / el if cs is not None else None, 0)} | "
+                         f"{fmt(cs / el / req_s if cs is not None and req_s else None, 2)} |")
+            L.append(line)
+        L.append("")
+        # Category by thread group (the main groups only).
+        groups = [g for g, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v >= 1.0]
+        if rows[0][1] is not None and len(groups) > 1:
+            by = {}
+            for pct, comm, dso, sym in rows:
+                c = classify(dso, sym)
+                c = "other crates" if c.startswith("other: ") else c
+                by.setdefault(c, {}).setdefault(thread_group(comm), 0)
+                by[c][thread_group(comm)] += pct
+            L.append("Self time by category and thread (% of the service's CPU):\n")
+            L.append("| category | " + " | ".join(groups) + " |")
+            L.append("| --- |" + " --- |" * len(groups))
+            for c, v in sorted(merged.items(), key=lambda kv: -kv[1]):
+                L.append(f"| {c} | " + " | ".join(f"{by.get(c, {}).get(g, 0):.1f}" for g in groups) + " |")
             L.append("")
-    stat_path = os.path.join(raw, "perf-stat.txt")
-    if os.path.exists(stat_path):
-        text = open(stat_path).read()
-        cs = re.search(r"([0-9,]+)\s+context-switches", text)
-        mig = re.search(r"([0-9,]+)\s+cpu-migrations", text)
-        clk = re.search(r"([0-9,.]+)\s+msec task-clock", text)
-        el = re.search(r"([0-9.]+) seconds time elapsed", text)
-        wrk_stat = None
-        wsp = os.path.join(raw, "profile.wrk.txt")
-        if os.path.exists(wsp):
-            mm = re.search(r"Requests/sec:\s+([0-9.]+)", open(wsp).read())
-            wrk_stat = float(mm.group(1)) if mm else None
-        if cs and el:
-            n_cs = int(cs.group(1).replace(",", ""))
-            secs = float(el.group(1))
-            line = (f"`perf stat -e context-switches,cpu-migrations,task-clock` on the service for {secs:.0f} s of the "
-                    f"same load: {n_cs / secs:,.0f} context switches/s")
-            if wrk_stat:
-                line += f" (≈ {n_cs / secs / wrk_stat:.2f} per request at {wrk_stat:,.0f} req/s)"
-            if mig:
-                line += f", {int(mig.group(1).replace(',', '')) / secs:,.0f} CPU migrations/s"
-            if clk:
-                line += f", {float(clk.group(1).replace(',', '')) / 1000 / secs:.2f} CPUs used"
-            L.append(line + ".\n")
-    L.append("## Top symbols (self time)\n")
+    if stat and stat["elapsed_s"]:
+        el = stat["elapsed_s"]
+        n_cs = stat["total"].get("context-switches")
+        line = f"`perf stat{' --per-thread' if stat['threads'] else ''} -e context-switches,cpu-migrations,task-clock` on the service for {el:.0f} s of the same load"
+        if n_cs is not None:
+            line += f": {n_cs / el:,.0f} context switches/s"
+            if req_s:
+                line += (f" (≈ {n_cs / el / req_s:.2f} per request at {req_s:,.0f} req/s"
+                         + (", requests counted by the service over the same window" if win and win["requests"] > 0
+                            else "") + ")")
+        if stat["total"].get("cpu-migrations") is not None:
+            line += f", {stat['total']['cpu-migrations'] / el:,.0f} CPU migrations/s"
+        if stat["total"].get("task-clock") is not None:
+            line += f", {stat['total']['task-clock'] / 1000 / el:.2f} CPUs used"
+        line += "."
+        if win and win["requests"] > 0:
+            line += (f" Over that window the service used {win['service_cpu_s'] / win['requests'] * 1e6:.0f} µs of CPU "
+                     f"per request" + (f" and Postgres {win['postgres_cpu_s'] / win['requests'] * 1e6:.0f} µs"
+                                       if win.get("postgres_cpu_s") is not None else "") + ".")
+        L.append(line + "\n")
+
+    L.append(f"{h} Top symbols (self time)\n")
     L.append("| self % | object | symbol | category |")
     L.append("| --- | --- | --- | --- |")
-    for pct, dso, sym in sorted(rows, key=lambda r: -r[0])[:30]:
+    merged_rows = {}
+    for pct, _, dso, sym in rows:  # summed over threads
+        merged_rows[(dso, sym)] = merged_rows.get((dso, sym), 0) + pct
+    for (dso, sym), pct in sorted(merged_rows.items(), key=lambda kv: -kv[1])[:30]:
         short = sym if len(sym) < 140 else sym[:137] + "..."
         L.append(f"| {pct:.2f} | {dso} | `{short}` | {classify(dso, sym)} |")
     L.append("")
-    if children:
-        L.append("## Our functions (inclusive: the function and what it calls)\n")
+    children = read_children(os.path.join(raw, f"perf-children{sfx}.txt"))
+    ours = [c for c in children
+            if crate_of(c[2]).startswith("itemcache::") or re.match(r"^[\w{}#]+<itemcache::", c[2])]
+    if ours:
+        L.append(f"{h} Our functions (inclusive: the function and what it calls)\n")
         L.append("| children % | self % | function |")
         L.append("| --- | --- | --- |")
-        for c, s, sym in children[:30]:
+        for c, s_, sym, _ in ours[:30]:
             short = sym if len(sym) < 140 else sym[:137] + "..."
-            L.append(f"| {c:.1f} | {s:.2f} | `{short}` |")
+            L.append(f"| {c:.1f} | {s_:.2f} | `{short}` |")
         L.append("")
-    if os.path.exists(os.path.join(out, "profile-hit-path.svg")):
-        L.append("Flame graph: [profile-hit-path.svg](profile-hit-path.svg).\n")
-    L.append("## Findings\n")
-    # The findings are written by hand; keep them when the tables are regenerated.
-    old = os.path.join(out, "profile.md")
-    kept = None
-    if os.path.exists(old):
-        text = open(old).read()
+    if sfx and children:
+        # Below our code: the Postgres client and the pools (inclusive), and the system calls
+        # (the kernel's share, by entry point), each as a share of the service's CPU.
+        def kind(sym, kernel):
+            return "kernel" if kernel else classify("itemcache", "[.] " + sym)
+
+        pg = [c for c in children if kind(c[2], c[3]).startswith(("Postgres client", "connection pools"))][:15]
+        if pg:
+            L.append(f"{h} Postgres client and pool (inclusive)\n")
+            L.append("| children % | self % | function |")
+            L.append("| --- | --- | --- |")
+            for c, s_, sym, _ in pg:
+                short = sym if len(sym) < 140 else sym[:137] + "..."
+                L.append(f"| {c:.1f} | {s_:.2f} | `{short}` |")
+            L.append("")
+        sys_ = [c for c in children if c[3] and re.match(r"^(__x64_sys_\w+|schedule|asm_sysvec_\w+|asm_common_interrupt)$",
+                                                        c[2])][:15]
+        if sys_:
+            L.append(f"{h} System calls and interrupts (inclusive, kernel)\n")
+            L.append("| children % | function |")
+            L.append("| --- | --- |")
+            for c, _, sym, _ in sys_:
+                L.append(f"| {c:.1f} | `{sym}` |")
+            L.append("")
+    return L
+
+
+def kept_findings(path):
+    """The hand-written "## Findings" of an existing report, to keep when it is regenerated."""
+    if os.path.exists(path):
+        text = open(path).read()
         if "## Findings" in text:
             kept = text.split("## Findings", 1)[1].strip()
-    if kept and "_(written by hand" not in kept:
-        L.append(kept + "\n")
+            if kept and "_(written by hand" not in kept:
+                return kept
+    return None
+
+
+def profile(raw, out, tags=None, file=None):
+    """OUT/profile.md from the hit path's perf files (no suffix), or OUT/FILE with one
+    section per tag (perf-TAG.data, ...)."""
+    if not tags:
+        L = ["# Hit-path profile\n",
+             "This machine has no hardware counters (`perf stat -e instructions` is not supported), so samples are "
+             "timer-based (cpu-clock).\n"]
+        L += profile_section(raw, out, "", level="#")
+        if os.path.exists(os.path.join(out, "profile-hit-path.svg")):
+            L.append("Flame graph: [profile-hit-path.svg](profile-hit-path.svg).\n")
+        file = file or "profile.md"
     else:
-        L.append("_(written by hand after reading the tables above)_\n")
-    with open(os.path.join(out, "profile.md"), "w") as f:
+        names = {"bypass": "BYPASS (`CACHE_ENABLED=false`): every read from Postgres",
+                 "cold": "miss + fill: every request a new id, Redis flushed"}
+        L = ["# Miss-path profiles (issue 15)\n",
+             "`bench/run --only misspath --profile`: the service perf-recorded in runs of their own, after the "
+             "measured ones (see [only-misspath.md](only-misspath.md)). Timer-based samples (cpu-clock; this "
+             "machine has no hardware counters); every percentage is of the service's own CPU time, not the "
+             "machine's. Thread groups: `actix-server worker` = actix's HTTP workers (one single-threaded runtime "
+             "each: handlers, the per-worker Redis connections); `tokio-rt-worker` = the `#[tokio::main]` "
+             "multi-thread runtime, where connections made at startup (the Postgres pool's connection tasks "
+             "among them) run their I/O.\n"]
+        for tag in tags:
+            L.append(f"## {names.get(tag, tag)}\n")
+            L += profile_section(raw, out, f"-{tag}", level="##")
+            svg = f"profile-misspath-{tag}.svg"
+            if os.path.exists(os.path.join(out, svg)):
+                L.append(f"Flame graph: [{svg}]({svg}).\n")
+    L.append("## Findings\n")
+    kept = kept_findings(os.path.join(out, file))
+    L.append((kept or "_(written by hand after reading the tables above)_") + "\n")
+    with open(os.path.join(out, file), "w") as f:
         f.write("\n".join(L))
-    print(os.path.join(out, "profile.md"))
+    print(os.path.join(out, file))
 
 
 def main():
@@ -1453,12 +1638,14 @@ def main():
     ap.add_argument("raw")
     ap.add_argument("out")
     ap.add_argument("--duration", type=int, default=0)
+    ap.add_argument("--tags", help="profile: comma-separated loads (perf-TAG.data ...), e.g. bypass,cold")
+    ap.add_argument("--file", help="profile: the Markdown file to write in OUT (default profile.md)")
     args = ap.parse_args()
     raw, out = os.path.abspath(args.raw), os.path.abspath(args.out)
     if args.command == "report":
         report(raw, out, args.duration)
     else:
-        profile(raw, out)
+        profile(raw, out, [t for t in (args.tags or "").split(",") if t], args.file)
     return 0
 
 

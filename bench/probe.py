@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Counters around a measured run, for the scenarios that judge work per request rather
-than speed (bench/run steps 10-12: names, replica, refresh). CPU seconds and query counts
+than speed (bench/run steps 10-13: names, replica, refresh, misspath). CPU seconds and query counts
 are the same whatever else the 2 cores were doing; requests per second are not.
 
-    probe.py snapshot --label L --port P --svc-pidfile F --pg NAME=PORT:PIDFILE ... --out X.jsonl
-        appends one JSON line: the time; the service's CPU seconds; from its /metrics the
+    probe.py snapshot --label L --port P --svc-pidfile F [--redis-pidfile F] --pg NAME=PORT:PIDFILE ... --out X.jsonl
+        appends one JSON line: the time; the service's CPU seconds and context switches
+        (all threads); from its /metrics the
         cache lookups by result, Postgres reads by target (primary, replica), replica
         fallbacks by reason, queries by label (the itemcache_db_query_duration_seconds
         counts) and coalesced reads; and for each Postgres server (NAME: primary, standby)
         the CPU seconds of the server's whole process tree (postmaster, backends, WAL
-        sender/receiver, startup; reaped children included) and, from pg_stat_statements in
-        the itemcache database, the calls and execution time of statements on `items`.
+        sender/receiver, startup; reaped children included), its context switches (live
+        processes only) and, from pg_stat_statements in
+        the itemcache database, the calls and execution time of statements on `items` and the
+        calls of every statement; with --redis-pidfile, Redis's CPU seconds.
     probe.py monitor --interval 1 (same options)
         the same every --interval s until SIGTERM (the refresh scenario's per-second series)
     probe.py entries --redis-port R [--prefix itemcache:] [--sample 2000]
@@ -45,6 +48,13 @@ FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'itemcache')
   AND query ~* '\mitems\M' AND query !~* 'pg_stat_statements'
 """
+# Every statement in the itemcache database (BEGIN, SET, the change feed's, ...), not this query.
+ALL_SQL = r"""
+SELECT coalesce(sum(calls), 0)::bigint
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'itemcache')
+  AND query !~* 'pg_stat_statements'
+"""
 
 stop = False
 
@@ -75,6 +85,40 @@ def cpu_s(pid):
         return (int(f[11]) + int(f[12])) / CLK_TCK
     except OSError:
         return None
+
+
+def ctxsw(pid, threads=True):
+    """Context switches (voluntary + involuntary) of a process's threads so far."""
+    total = 0
+    paths = ([f"/proc/{pid}/task/{t}/status" for t in os.listdir(f"/proc/{pid}/task")] if threads
+             else [f"/proc/{pid}/status"])
+    for path in paths:
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def tree_ctxsw(parent):
+    """A server's context switches: the parent's and its live children's (backends that
+    exited are not counted: the pool's are long-lived)."""
+    try:
+        total = ctxsw(parent, threads=False)
+    except OSError:
+        return None
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if int(stat_fields(int(name))[1]) == parent:
+                total += ctxsw(int(name), threads=False)
+        except OSError:
+            continue
+    return total
 
 
 def tree_cpu_s(parent):
@@ -140,12 +184,14 @@ class Servers:
             pid = read_pid(s["pidfile"])
             if pid:
                 row["cpu_s"] = tree_cpu_s(pid)
+                row["ctxsw"] = tree_ctxsw(pid)
             try:
                 if s["db"] is None:
                     s["db"] = psycopg.connect(f"postgresql://postgres@127.0.0.1:{s['port']}/itemcache",
                                               autocommit=True, connect_timeout=2)
                 calls, ms = s["db"].execute(ITEMS_SQL).fetchone()
                 row["items_calls"], row["items_exec_ms"] = int(calls), round(ms, 3)
+                row["all_calls"] = int(s["db"].execute(ALL_SQL).fetchone()[0])
             except psycopg.Error as e:
                 row["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
                 s["db"] = None
@@ -161,10 +207,17 @@ def snapshot(args, servers, label=None):
     if pid:
         s["pid"], s["svc_cpu_s"] = pid, cpu_s(pid)
         try:
+            s["svc_ctxsw"] = ctxsw(pid)
+        except OSError:
+            pass
+        try:
             s["metrics"] = scrape(args.port)
         except (OSError, http.client.HTTPException, ValueError):
             pass
     s["pg"] = servers.read()
+    rpid = read_pid(args.redis_pidfile) if args.redis_pidfile else None
+    if rpid:
+        s["redis_cpu_s"] = cpu_s(rpid)
     return s
 
 
@@ -276,6 +329,7 @@ def main():
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--svc-pidfile")
         p.add_argument("--pg", action="append", help="NAME=PORT:PIDFILE (postmaster.pid)")
+        p.add_argument("--redis-pidfile", help="Redis's pid: its CPU seconds too")
         p.add_argument("--out", required=True)
         if name == "snapshot":
             p.add_argument("--label", required=True)

@@ -1,10 +1,12 @@
-"""Results of bench/run steps 10-12, for bench/analyze.py: lookups by name beside lookups
-by id (issue 16), the miss path on a read replica vs the primary (issue 13), and early
-refresh across several short TTLs (issue 14). Each reads what bench/probe.py recorded:
+"""Results of bench/run steps 10-13, for bench/analyze.py: lookups by name beside lookups
+by id (issue 16), the miss path on a read replica vs the primary (issue 13), early
+refresh across several short TTLs (issue 14), and the miss path and batch targets with
+their references (issue 15, `--only misspath`). Each reads what bench/probe.py recorded:
 snapshots around each measured run (RAW/probe.jsonl) or a per-second series
 (RAW/refresh-{with,without}.jsonl).
 
     results(raw, phases, runs, settings) -> {"names": ..., "replica": ..., "refresh": ...}
+    misspath_results(raw, phases, runs, refs, meta), misspath_targets(mp)   (step 13)
     targets(res)   -> rows for the targets table
     markdown(res)  -> Markdown lines
     plots(res, out) -> OUT/refresh.png
@@ -82,6 +84,8 @@ def window_counts(snaps, name, run):
         "fallbacks": _dmap(a, b, "metrics", "fallbacks"),
         "queries": _dmap(a, b, "metrics", "queries"),
         "coalesced": _d(a, b, "metrics", "coalesced"),
+        "redis_cpu_s": _d(a, b, "redis_cpu_s"),
+        "service_ctxsw": _d(a, b, "svc_ctxsw"),
         "pg": {},
     }
     for server in (b.get("pg") or {}):
@@ -89,10 +93,18 @@ def window_counts(snaps, name, run):
             "cpu_s": _d(a, b, "pg", server, "cpu_s"),
             "items_calls": _d(a, b, "pg", server, "items_calls"),
             "items_exec_ms": _d(a, b, "pg", server, "items_exec_ms"),
+            "all_calls": _d(a, b, "pg", server, "all_calls"),
+            "ctxsw": _d(a, b, "pg", server, "ctxsw"),
         }
     out["service_us_per_req"] = _per(out["service_cpu_s"], req, 1e6)
     out["postgres_us_per_req"] = _per(sum(v["cpu_s"] or 0 for v in out["pg"].values()), req, 1e6)
+    out["redis_us_per_req"] = _per(out["redis_cpu_s"], req, 1e6)
+    out["service_ctxsw_per_req"] = _per(out["service_ctxsw"], req, digits=2)
+    if out["pg"] and all(v.get("ctxsw") is not None for v in out["pg"].values()):
+        out["postgres_ctxsw_per_req"] = _per(sum(v["ctxsw"] for v in out["pg"].values()), req, digits=2)
     out["statements_per_req"] = _per(sum(v["items_calls"] or 0 for v in out["pg"].values()), req, digits=3)
+    if all(v.get("all_calls") is not None for v in out["pg"].values()) and out["pg"]:
+        out["all_statements_per_req"] = _per(sum(v["all_calls"] for v in out["pg"].values()), req, digits=3)
     out["lookups_per_req"] = _per(sum(out["lookups"].values()), req, digits=3)
     return out
 
@@ -317,6 +329,205 @@ def refresh_results(raw, phases, runs, settings):
 # --- the three together ----------------------------------------------------------------------
 
 
+# --- (13) the miss path and batch targets (issue 15) -----------------------------------------
+
+
+MISSPATH_RUNS = [("miss.bypass.c16", "BYPASS (`CACHE_ENABLED=false`), uniform ids"),
+                 ("cold.fill.c16", "miss + fill (Redis flushed, every request a new id)"),
+                 ("hit.c64", "hit, uniform ids, every id cached"),
+                 ("batch.c64", "batch of 100 cached ids (`GET /items?ids=`)"),
+                 ("hit.c1", "hit, 1 connection")]
+MISSPATH_REFS = [("pgbench.S.c16", "ref.pgbench.c16", "`pgbench -S -M prepared -j 2`"),
+                 ("redis.get.c64", "ref.redis.c64", "`redis-benchmark -t get -d <entry size> --threads 2`"),
+                 ("redis.get.c1", "ref.redis.c1", "`redis-benchmark -t get -d <entry size> --threads 1`")]
+
+
+def _statements(path, n=6):
+    """The first N lines of RAW/<run>.statements.txt (psql -XtA: calls|rows|exec_ms|query)."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    for line in open(path):
+        parts = line.rstrip("\n").split("|", 3)
+        if len(parts) == 4 and parts[0].isdigit():
+            out.append({"calls": int(parts[0]), "rows": int(parts[1]), "exec_ms": float(parts[2] or 0),
+                        "query": parts[3]})
+    return out[:n]
+
+
+def _redis_commands(path):
+    """RAW/<run>.redis-commands.txt (INFO commandstats): {command: calls}."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    for line in open(path):
+        if line.startswith("cmdstat_"):
+            name, rest = line[8:].strip().split(":", 1)
+            fields = dict(kv.split("=", 1) for kv in rest.split(","))
+            out[name] = int(fields.get("calls", 0))
+    return out
+
+
+def misspath_results(raw, phases, runs, refs, meta):
+    snaps = _jsonl(os.path.join(raw, "probe.jsonl"))
+    nproc = meta["machine"]["nproc"]
+
+    def machine_us(r):
+        busy, rps = r.get("machine_busy"), r.get("rps")
+        return round(busy * nproc / rps * 1e6, 1) if busy is not None and rps else None
+
+    rows = []
+    for name, label in MISSPATH_RUNS:
+        r = runs.get(name)
+        if not r:
+            continue
+        w = window_counts(snaps, name, r) or {}
+        row = {"name": name, "label": label, "conns": r.get("conns"), "requests": r["requests"], "rps": r["rps"],
+               "items_per_s": r["items_per_s"], "latency_ms": r["latency_ms"], "errors": r["errors"],
+               "error_kinds": r.get("error_kinds"), "machine_us_per_req": machine_us(r),
+               "others_cpu_cores": r.get("others_cpu_cores"),
+               "statements": _statements(os.path.join(raw, f"{name}.statements.txt"))}
+        for k in ("lookups", "service_us_per_req", "postgres_us_per_req", "redis_us_per_req", "statements_per_req",
+                  "all_statements_per_req", "lookups_per_req", "queries", "service_ctxsw_per_req",
+                  "postgres_ctxsw_per_req"):
+            row[k] = w.get(k)
+        cmds = _redis_commands(os.path.join(raw, f"{name}.redis-commands.txt"))
+        if cmds and r["requests"]:
+            # The commandstats span a little more than wrk's run (reset before the first probe,
+            # read after the second), as the probes do.
+            row["redis_commands_per_req"] = {k: round(v / r["requests"], 3)
+                                             for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])}
+            row["redis_calls_per_req"] = round(sum(cmds.values()) / r["requests"], 3)
+        rows.append(row)
+    ref_rows = []
+    for key, label, desc in MISSPATH_REFS:
+        r = refs.get(key)
+        if not r:
+            continue
+        ph = phases.get(label) or {}
+        n = r.get("requests") or ph.get("requests")
+        w = window_counts(snaps, label, {"requests": n}) or {}
+        ref_rows.append({"name": key, "label": desc, "conns": r.get("conns"), "rps": r["rps"],
+                         "latency_ms": r.get("latency_ms"), "requests": n, "machine_us_per_req": machine_us(r),
+                         "postgres_us_per_req": w.get("postgres_us_per_req"),
+                         "redis_us_per_req": w.get("redis_us_per_req"),
+                         "others_cpu_cores": r.get("others_cpu_cores")})
+    if not rows and not ref_rows:
+        return None
+    return {"runs": rows, "refs": ref_rows,
+            "profiled": [t for t in ("bypass", "cold") if os.path.exists(os.path.join(raw, f"perf-{t}.data"))],
+            "warm": _json(os.path.join(raw, "warm.json"))}
+
+
+def misspath_targets(mp):
+    runs = {r["name"]: r for r in mp["runs"]}
+    refs = {r["name"]: r for r in mp["refs"]}
+    out = []
+
+    def get(d, k, *path):
+        v = d.get(k)
+        for p in path:
+            v = (v or {}).get(p)
+        return v
+
+    def row(target, measured, a, b, op, threshold, info=False):
+        ratio = round(a / b, 3) if a is not None and b else None
+        ok = None
+        if ratio is not None and not info:
+            ok = ratio >= threshold if op == ">=" else ratio <= threshold
+        out.append({"target": target, "measured": measured, "ratio": ratio,
+                    "threshold": f"{op} {threshold}" + (" (a full run's target; here for information)" if info else ""),
+                    "pass": ok, "info": info})
+
+    pg = get(refs, "pgbench.S.c16", "rps")
+    for name, text, thr in (("miss.bypass.c16", "miss path (BYPASS) req/s at 16 connections ≥ 0.5 × "
+                                                "`pgbench -S -M prepared -c 16` tps", 0.5),
+                            ("cold.fill.c16", "miss + fill req/s (16 connections, every id new) ≥ 0.4 × "
+                                              "`pgbench -S -M prepared -c 16` tps", 0.4)):
+        v = get(runs, name, "rps")
+        row(text, f"{_fmt(v)} req/s vs {_fmt(pg)} tps", v, pg, ">=", thr)
+    b, h = get(runs, "batch.c64", "items_per_s"), get(runs, "hit.c64", "items_per_s")
+    row("batch of 100 cached ids: items/s ≥ 10 × the hit path's items/s (both at 64 connections)",
+        f"{_fmt(b)} vs {_fmt(h)} items/s", b, h, ">=", 10)
+    r64 = get(refs, "redis.get.c64", "rps")
+    row("hit path req/s at 64 connections ÷ `redis-benchmark -t get -c 64`",
+        f"{_fmt(h)} vs {_fmt(r64)} req/s", h, r64, ">=", 0.7, info=True)
+    m1, p1 = get(runs, "hit.c1", "latency_ms", "mean"), get(refs, "redis.get.c1", "latency_ms", "p50")
+    if m1 is not None or p1 is not None:
+        row("hit path mean latency at 1 connection ÷ `redis-benchmark -c 1` p50",
+            f"{_fmt(m1, 3)} vs {_fmt(p1, 3)} ms", m1, p1, "<=", 2.5, info=True)
+    return out
+
+
+def misspath_markdown(mp):
+    L = ["## The miss path and batch reads (issue 15)\n",
+         "| run | conns | req/s | items/s | mean ms | p99 ms | errors | others' builds/tests (cores) |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in mp["runs"]:
+        lat = r["latency_ms"]
+        errs = _fmt(r["errors"]) + (f" ({', '.join(f'{k} {v}' for k, v in r['error_kinds'].items())})"
+                                    if r.get("error_kinds") else "")
+        L.append(f"| {r['name']}: {r['label']} | {r['conns']} | {_fmt(r['rps'], 0)} | {_fmt(r['items_per_s'], 0)} | "
+                 f"{_fmt(lat.get('mean'), 3)} | {_fmt(lat.get('p99'), 3)} | {errs} | {_fmt(r.get('others_cpu_cores'), 2)} |")
+    L.append("")
+    L += ["Per request, over each measured run, from snapshots around it (`bench/probe.py`: /proc, the service's "
+          "`/metrics`, pg_stat_statements) and Redis's `INFO commandstats` (reset after the warm-up): CPU of the "
+          "service, Postgres (its whole process tree), Redis, and the whole machine (everything on the 2 cores: the "
+          "load generator and others' builds too); context switches of the service's threads and of Postgres's "
+          "processes; statements in the itemcache database (on `items`, and all); Redis commands (those run inside "
+          "scripts counted too).\n",
+          "| run | service CPU µs | Postgres CPU µs | Redis CPU µs | machine CPU µs | service context switches | "
+          "Postgres context switches | statements on items | all statements | Redis commands | cache lookups |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in mp["runs"]:
+        L.append(f"| {r['name']} | {_fmt(r.get('service_us_per_req'), 1)} | {_fmt(r.get('postgres_us_per_req'), 1)} | "
+                 f"{_fmt(r.get('redis_us_per_req'), 1)} | {_fmt(r.get('machine_us_per_req'), 0)} | "
+                 f"{_fmt(r.get('service_ctxsw_per_req'), 2)} | {_fmt(r.get('postgres_ctxsw_per_req'), 2)} | "
+                 f"{_fmt(r.get('statements_per_req'), 3)} | {_fmt(r.get('all_statements_per_req'), 3)} | "
+                 f"{_fmt(r.get('redis_calls_per_req'), 2)} | {_fmt(r.get('lookups_per_req'), 3)} |")
+    L.append("")
+    rc = [r for r in mp["runs"] if any(v >= 0.005 for v in (r.get("redis_commands_per_req") or {}).values())]
+    if rc:
+        L.append("Redis commands per request: " + "; ".join(
+            f"{r['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["redis_commands_per_req"].items() if v >= 0.005)
+            for r in rc) + ".\n")
+    b = next((r for r in mp["runs"] if r["name"] == "batch.c64"), None)
+    if b and b.get("service_us_per_req"):
+        L.append(f"Batch of 100: {b['service_us_per_req'] / 100:.2f} µs of service CPU per item "
+                 f"({b['service_us_per_req']:.0f} µs per request).\n")
+    if mp["refs"]:
+        L.append("References, same run (CPU per request from the same snapshots):\n")
+        L.append("| reference | conns | req/s (tps) | mean ms | p50 ms | Postgres CPU µs/req | Redis CPU µs/req | "
+                 "machine CPU µs/req | others (cores) |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in mp["refs"]:
+            lat = r.get("latency_ms") or {}
+            L.append(f"| {r['label']} | {r['conns']} | {_fmt(r['rps'], 0)} | {_fmt(lat.get('mean'), 3)} | "
+                     f"{_fmt(lat.get('p50'), 3)} | {_fmt(r.get('postgres_us_per_req'), 1)} | "
+                     f"{_fmt(r.get('redis_us_per_req'), 1)} | {_fmt(r.get('machine_us_per_req'), 0)} | "
+                     f"{_fmt(r.get('others_cpu_cores'), 2)} |")
+        L.append("")
+    st = [r for r in mp["runs"] if r.get("statements")]
+    if st:
+        L.append("Statements in the itemcache database during each measured run (pg_stat_statements, most called "
+                 "first, those with at least 0.005 calls per request; the full lists in "
+                 "`<run>.statements.txt` of the raw directory):\n")
+        L.append("| run | calls / req | rows / call | mean exec ms | statement |")
+        L.append("| --- | --- | --- | --- | --- |")
+        for r in st:
+            shown = [q for i, q in enumerate(r["statements"]) if i == 0 or q["calls"] >= 0.005 * r["requests"]]
+            for i, q in enumerate(shown):
+                text = q["query"] if len(q["query"]) <= 160 else q["query"][:157] + "..."
+                L.append(f"| {r['name'] if i == 0 else ''} | {q['calls'] / r['requests']:.3f} | "
+                         f"{q['rows'] / q['calls'] if q['calls'] else 0:.2f} | "
+                         f"{q['exec_ms'] / q['calls'] if q['calls'] else 0:.3f} | `{text.replace('|', '/')}` |")
+        L.append("")
+    if mp.get("profiled"):
+        L.append("CPU profiles of " + " and ".join({"bypass": "BYPASS", "cold": "miss + fill"}[t] for t in mp["profiled"])
+                 + ": [profile-misspath.md](profile-misspath.md).\n")
+    return L
+
+
 def results(raw, phases, runs, settings):
     snaps = _jsonl(os.path.join(raw, "probe.jsonl"))
     return {"names": names_results(raw, runs, snaps),
@@ -368,6 +579,8 @@ def targets(res):
 
 def markdown(res, st_all):
     L = []
+    if res.get("misspath"):
+        L.extend(misspath_markdown(res["misspath"]))
     nm = res.get("names")
     if nm:
         st = st_all.get("names") or {}
