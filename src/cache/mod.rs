@@ -140,11 +140,12 @@ pub struct Cache {
     near: Option<Arc<Near>>,
 }
 
-/// Which layer answered a lookup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layer {
-    Near,
-    Redis,
+/// What a lookup of one id found: a fresh entry in the near cache, or what Redis holds (an
+/// entry, fresh or not, or none) with the id's write stamp, read in the same call.
+#[derive(Debug)]
+pub enum Looked {
+    Near(Entry),
+    Redis { entry: Option<Entry>, stamp: Stamp },
 }
 
 impl Cache {
@@ -168,25 +169,27 @@ impl Cache {
         self
     }
 
-    /// An item's entry: from the near cache if it holds a fresh one, else from Redis (and a
-    /// fresh entry from Redis is stored in the near cache, unless an invalidation of the id
-    /// came during the read).
-    pub async fn lookup(&self, id: ItemId) -> Result<Option<(Entry, Layer)>, CacheError> {
+    /// An item's entry: from the near cache if it holds a fresh one, else from Redis with
+    /// the id's write stamp (and a fresh entry from Redis is stored in the near cache,
+    /// unless an invalidation of the id came during the read).
+    pub async fn lookup(&self, id: ItemId) -> Result<Looked, CacheError> {
         let Some(near) = self.near.as_ref().filter(|near| near.is_live()) else {
-            return Ok(self.get(id).await?.map(|entry| (entry, Layer::Redis)));
+            let (entry, stamp) = self.get(id).await?;
+            return Ok(Looked::Redis { entry, stamp });
         };
         if let Some(entry) = near.get(id, now_ms()) {
-            return Ok(Some((entry, Layer::Near)));
+            return Ok(Looked::Near(entry));
         }
         let ticket = near.admit(id, now_ms()).then(|| near.ticket(id));
         let got = self.get(id).await;
-        if let (Ok(Some(entry)), Some(ticket)) = (&got, ticket)
+        if let (Ok((Some(entry), _)), Some(ticket)) = (&got, ticket)
             && entry.is_fresh(now_ms())
         {
             failpoints::pause(failpoints::BEFORE_NEAR_STORE, || self.keys.entry(id)).await;
             ticket.store(entry);
         }
-        Ok(got?.map(|entry| (entry, Layer::Redis)))
+        let (entry, stamp) = got?;
+        Ok(Looked::Redis { entry, stamp })
     }
 
     pub fn keys(&self) -> &Keys {
@@ -197,12 +200,55 @@ impl Cache {
         &self.conns
     }
 
-    /// The entry for `id`, if any (fresh or not: the caller decides).
-    pub async fn get(&self, id: ItemId) -> Result<Option<Entry>, CacheError> {
-        let mut cmd = ::redis::cmd("GET");
-        cmd.arg(self.keys.entry(id));
-        let value = self.run(CacheOp::Get, &cmd).await?;
-        Ok(entry_of(value))
+    /// The entry for `id`, if any (fresh or not: the caller decides), and the id's write
+    /// stamp with the flush token, in one `MGET` (op `get`: one id's lookup): a miss notes
+    /// that stamp before it loads, so it costs no second round trip. Read with the entry,
+    /// the stamp is noted earlier than a separate call would note it, which only makes the
+    /// fill's check stricter. With a cluster the three keys share the id's slot.
+    pub async fn get(&self, id: ItemId) -> Result<(Option<Entry>, Stamp), CacheError> {
+        let keys = &self.keys;
+        let (raw, stamp) = self
+            .entry_and_stamp(keys.entry(id), keys.stamp(id), keys.flush_for_item(id))
+            .await?;
+        Ok((raw.and_then(Entry::decode), stamp))
+    }
+
+    /// A name's cached lookup, if any (fresh or not), and the name's write stamp: one
+    /// `MGET`, as [`Cache::get`].
+    pub async fn get_name(&self, name: &str) -> Result<(Option<NameEntry>, Stamp), CacheError> {
+        let keys = &self.keys;
+        let (raw, stamp) = self
+            .entry_and_stamp(
+                keys.name_entry(name),
+                keys.name_stamp(name),
+                keys.flush_for_name(name),
+            )
+            .await?;
+        Ok((raw.and_then(|raw| NameEntry::decode(&raw)), stamp))
+    }
+
+    /// An entry's raw bytes (if any) and its stamp with the flush token: one `MGET`.
+    async fn entry_and_stamp(
+        &self,
+        entry: String,
+        stamp: String,
+        flush: String,
+    ) -> Result<(Option<Bytes>, Stamp), CacheError> {
+        let mut cmd = ::redis::cmd("MGET");
+        cmd.arg(entry).arg(stamp).arg(flush);
+        match self.run(CacheOp::Get, &cmd).await? {
+            Value::Array(values) if values.len() == 3 => {
+                let mut values = values.into_iter();
+                let raw = match values.next() {
+                    Some(Value::BulkString(raw)) => Some(Bytes::from(raw)),
+                    _ => None,
+                };
+                let write = bytes_of(values.next());
+                let flush = bytes_of(values.next());
+                Ok((raw, Stamp { write, flush }))
+            }
+            _ => Err(CacheError::UnexpectedReply("MGET")),
+        }
     }
 
     /// The entries for `ids`, in order: those the near cache holds fresh, and one `MGET` for
@@ -263,17 +309,6 @@ impl Cache {
         .await
     }
 
-    /// A name's write stamp, with the flush token: one `MGET`, before reading Postgres.
-    pub async fn name_stamp(&self, name: &str) -> Result<Stamp, CacheError> {
-        let mut stamps = self
-            .stamps_of(vec![(
-                self.keys.name_stamp(name),
-                self.keys.flush_for_name(name),
-            )])
-            .await?;
-        stamps.pop().ok_or(CacheError::UnexpectedReply("MGET"))
-    }
-
     /// Stamps with their flush tokens: with one Redis, the stamps and the one token; with a
     /// cluster, each stamp with its slot's token (`MGET` split by slot in redis-rs).
     async fn stamps_of(&self, keys: Vec<(String, String)>) -> Result<Vec<Stamp>, CacheError> {
@@ -317,16 +352,6 @@ impl Cache {
                     .collect())
             }
             _ => Err(CacheError::UnexpectedReply("MGET")),
-        }
-    }
-
-    /// A name's cached lookup, if any (fresh or not: the caller decides).
-    pub async fn get_name(&self, name: &str) -> Result<Option<NameEntry>, CacheError> {
-        let mut cmd = ::redis::cmd("GET");
-        cmd.arg(self.keys.name_entry(name));
-        match self.run(CacheOp::Get, &cmd).await? {
-            Value::BulkString(raw) => Ok(NameEntry::decode(&raw)),
-            _ => Ok(None),
         }
     }
 

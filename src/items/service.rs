@@ -25,7 +25,7 @@ use crate::cache::invalidation::Pending;
 use crate::cache::refresh::{Policy, Verdict};
 use crate::cache::singleflight::Flights;
 use crate::cache::{
-    Cache, CacheError, Cached, Entry, Fill, Invalidation, Layer, LeaseToken, Stamp, Target,
+    Cache, CacheError, Cached, Entry, Fill, Invalidation, LeaseToken, Looked, Stamp, Target,
 };
 use crate::config::{CacheMode, Settings};
 use crate::db::replicas;
@@ -278,16 +278,26 @@ impl ItemService {
         let started = Instant::now();
         let cached = self.inner.cache.lookup(id).await;
         let cache_time = started.elapsed();
-        let (entry, layer) = match cached {
+        let (entry, stamp) = match cached {
             // Redis down or past its deadline (counted in cache/): answer from Postgres.
             Err(_) => return self.load_one(id, None, cache_time).await,
-            Ok(None) => return self.load_one(id, Some(None), cache_time).await,
-            Ok(Some(found)) => found,
+            Ok(Looked::Redis { entry: None, stamp }) => {
+                return self
+                    .load_one(id, Some((None, Some(stamp))), cache_time)
+                    .await;
+            }
+            Ok(Looked::Redis {
+                entry: Some(entry),
+                stamp,
+            }) => (entry, Some(stamp)),
+            Ok(Looked::Near(entry)) => (entry, None),
         };
         let now = now_ms();
         let verdict = self.inner.refresh.judge(&entry, now);
         if verdict == Verdict::Expired {
-            return self.load_one(id, Some(Some(entry)), cache_time).await;
+            return self
+                .load_one(id, Some((Some(entry), stamp)), cache_time)
+                .await;
         }
         // Fresh, or close to expiry or just past it: a hit; the last two refresh the entry
         // in the background (cache::refresh).
@@ -303,26 +313,34 @@ impl ItemService {
         let freshness = Freshness {
             ttl_ms: Some(entry.fresh_until_ms - now),
             refresh: (verdict != Verdict::Fresh).then_some(verdict),
-            near: layer == Layer::Near,
+            near: stamp.is_none(),
         };
         let mut lookup = Lookup::new(item_of(entry), CacheStatus::Hit, cache_time, None);
         lookup.freshness = freshness;
         Ok(lookup)
     }
 
-    /// Loads one id through the flights. `looked`: what the cache had for it (`None`: the
-    /// cache was not read, so the load does not fill).
+    /// Loads one id through the flights. `looked`: what the cache had for it, and the write
+    /// stamp Redis gave with it (`None`: the cache was not read, so the load does not fill;
+    /// no stamp: the entry came from the near cache, and the stamp is noted now).
     async fn load_one(
         &self,
         id: ItemId,
-        looked: Option<Option<Entry>>,
+        looked: Option<(Option<Entry>, Option<Stamp>)>,
         cache_time: Duration,
     ) -> Result<Lookup<Option<ItemJson>>, ServiceError> {
         let started = Instant::now();
-        let (noted, status) = self.note_if(looked.is_some(), &[id]).await;
+        let (stale, noted) = match looked {
+            Some((stale, Some(stamp))) => (
+                stale,
+                (Some(HashMap::from([(id, stamp)])), CacheStatus::Miss),
+            ),
+            Some((stale, None)) => (stale, self.note_if(true, &[id]).await),
+            None => (None, self.note_if(false, &[id]).await),
+        };
+        let (noted, status) = noted;
         let mut loaded = self.load(&[id], noted, Outdated(now_ms())).await;
         let db = Some(started.elapsed());
-        let stale = looked.flatten();
         let (value, status) = settle(answer(&mut loaded, id), stale, status)?;
         metrics::record_lookups(status, 1);
         Ok(Lookup::new(value, status, cache_time, db))
@@ -713,6 +731,7 @@ impl ItemService {
             .cache
             .get(id)
             .await?
+            .0
             .map(|entry| match entry.value {
                 Cached::Item(item) => Some(item.version),
                 Cached::NotFound => None,

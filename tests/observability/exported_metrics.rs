@@ -286,11 +286,11 @@ async fn scripted_traffic(app: &TestApp, items: &[i64], expected: &mut Expected)
         .lookups("miss", 3 + 1 + 2 + 2)
         // single reads: 5 hits, 2 negative hits; batch: a and absent_1.
         .lookups("hit", 5 + 2 + 2)
-        // one GET per single read: 3 + 5 + 4 + 1.
+        // one lookup per single read, which reads the id's write stamp with its entry
+        // (a miss notes it from there): 3 + 5 + 4 + 1.
         .cache_ops("get", 13)
-        // the batch's MGET, and one stamp MGET per load: 4 single misses, 2 negative
-        // misses, the batch's load.
-        .cache_ops("mget", 1 + (4 + 2 + 1))
+        // the batch's MGET, and its load's stamp MGET.
+        .cache_ops("mget", 1 + 1)
         // one fill per load.
         .cache_ops("set", 4 + 2 + 1)
         // and one lease taken per load before it (cache::lease).
@@ -429,10 +429,10 @@ async fn reads_that_wait_for_another_reads_load_are_counted_as_coalesced() {
     Expected::default()
         .http("GET", "/items/{id}", "200", "miss", reads)
         .lookups("miss", reads)
-        // Every read looks for the entry and notes the id's write stamp; only the leader
-        // fills.
+        // Every read looks for the entry and reads the id's write stamp in the same call;
+        // only the leader fills.
         .cache_ops("get", reads)
-        .cache_ops("mget", reads)
+        .cache_ops("mget", 0)
         .cache_ops("set", 1)
         .cache_ops("lease", 1)
         .queries("get_item", 1)

@@ -69,13 +69,9 @@ impl ItemService {
                     .name_page_from_postgres(name, after_id, limit, cache_time)
                     .await;
             }
-            Ok(Some(entry)) if entry.is_fresh(now_ms()) => (entry.ids, CacheStatus::Hit),
-            Ok(stale) => {
-                let Ok(noted) = self.inner.cache.name_stamp(name).await else {
-                    return self
-                        .name_page_from_postgres(name, after_id, limit, cache_time)
-                        .await;
-                };
+            Ok((Some(entry), _)) if entry.is_fresh(now_ms()) => (entry.ids, CacheStatus::Hit),
+            // The name's stamp came with the lookup: noted before the load.
+            Ok((stale, noted)) => {
                 match (self.load_name(name, noted).await, stale) {
                     (Ok(ids), _) => (ids, CacheStatus::Miss),
                     // Postgres down or shedding: the list within CACHE_STALE_SECS beats a 503.
