@@ -60,10 +60,15 @@ impl Application {
         let replicas = Replicas::new(
             &settings.database_replica_urls,
             settings.db_pool_size,
+            http_workers(),
             settings.database_replica_max_lag,
         )?;
         let repo = ItemRepo::new(
-            db::pool(&settings.database_url, settings.db_pool_size)?,
+            db::Pools::new(
+                &settings.database_url,
+                settings.db_pool_size,
+                http_workers(),
+            )?,
             replicas,
         );
 
@@ -230,7 +235,7 @@ fn server(state: web::Data<AppState>, listener: TcpListener) -> std::io::Result<
 }
 
 /// One HTTP worker per core (actix's default, named because each worker also keeps its own
-/// Redis connection: see `cache::connections`).
+/// Redis connection and Postgres connections: see `workers`).
 fn http_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }

@@ -10,7 +10,8 @@
 //! - [`feed`]: the change feed follower: invalidates what any Postgres client changed.
 //! - [`hot_keys`]: the most read ids (a space-saving sketch), for `/metrics` and
 //!   `GET /admin/hot-keys`.
-//! - [`db`]: the Postgres pool and embedded migrations; [`seed`]: bulk demo data.
+//! - [`db`]: the Postgres pools and embedded migrations; [`seed`]: bulk demo data.
+//! - [`workers`]: which thread is an HTTP worker (connections of its own, for no hops).
 //! - [`verify`]: the sampled staleness checker ("nines of consistency").
 //! - [`metrics`]: every metric name and label; [`telemetry`]: logs; [`report`]: an error
 //!   and its causes on one line.
@@ -30,3 +31,4 @@ pub mod schema;
 pub mod seed;
 pub mod telemetry;
 pub mod verify;
+pub mod workers;

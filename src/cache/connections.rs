@@ -21,6 +21,8 @@ use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Cmd, Pipeline, RedisFuture, Value};
 use thread_local::ThreadLocal;
 
+use crate::workers::{self, Budget};
+
 /// A connection to one Redis or to a Redis Cluster (`REDIS_CLUSTER_NODES`). Both pipeline
 /// concurrent commands and are made to be cloned; a cluster connection routes each command
 /// by its keys' slot, follows `MOVED`/`ASK` and refreshes its map of the cluster after a
@@ -121,7 +123,7 @@ impl Own {
     /// This worker's slot, reset first if it was another (dead) thread's.
     fn slot(&self) -> Option<&Arc<Slot>> {
         let slot = self.slot.as_ref()?;
-        let me = THREAD.with(|id| *id);
+        let me = workers::thread_number();
         if self.thread.swap(me, Ordering::Relaxed) != me {
             if let Ok(mut conn) = slot.conn.write() {
                 *conn = None;
@@ -144,7 +146,7 @@ struct Inner {
     /// current-thread runtime) is decided once, not per command.
     local: ThreadLocal<Own>,
     /// Own connections not claimed yet.
-    unclaimed: AtomicUsize,
+    unclaimed: Budget,
     shared: Box<[Arc<Slot>]>,
     /// The main runtime, where shared connections are made (and so their drivers run).
     main: tokio::runtime::Handle,
@@ -166,14 +168,10 @@ impl Drop for Lent<'_> {
     }
 }
 
-static THREADS: AtomicU64 = AtomicU64::new(0);
-
 thread_local! {
     /// Round-robin position over the shared slots, per thread so workers do not contend
     /// on one counter.
     static NEXT: Cell<usize> = const { Cell::new(0) };
-    /// A number for this thread, never reused (unlike `thread_local`'s ids).
-    static THREAD: u64 = THREADS.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Connections {
@@ -192,7 +190,7 @@ impl Connections {
             inner: Arc::new(Inner {
                 factory,
                 local: ThreadLocal::new(),
-                unclaimed: AtomicUsize::new(own),
+                unclaimed: Budget::new(own),
                 shared,
                 main: tokio::runtime::Handle::current(),
                 generation: AtomicU64::new(0),
@@ -267,14 +265,9 @@ impl Connections {
 
     /// This thread's entry: on an HTTP worker, with an own slot while the budget lasts.
     fn claim(&self) -> Own {
-        let claimed = on_worker()
-            && self
-                .inner
-                .unclaimed
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_ok();
+        let claimed = self.inner.unclaimed.claim();
         Own {
-            thread: AtomicU64::new(THREAD.with(|id| *id)),
+            thread: AtomicU64::new(workers::thread_number()),
             slot: claimed.then(|| Arc::new(Slot::empty())),
         }
     }
@@ -323,14 +316,6 @@ impl Connections {
             tokio::spawn(connect);
         }
     }
-}
-
-/// Whether this thread runs a current-thread runtime: an actix worker, whose tasks (and a
-/// connection's driver spawned from one) all stay on it. Other tasks run on the main
-/// multi-thread runtime and use the shared connections.
-fn on_worker() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
 }
 
 impl Inner {

@@ -1,4 +1,4 @@
-//! Postgres: the diesel-async connection pool and the embedded migrations.
+//! Postgres: the diesel-async connection pools and the embedded migrations.
 //!
 //! The binary links no libpq: migrations run through diesel-async's
 //! `AsyncConnectionWrapper` on a blocking thread, which works on any runtime.
@@ -10,10 +10,14 @@
 //! the drivers would run on the actix workers, each on the worker that happened to need a
 //! new connection. On a graceful stop actix ends an idle worker's runtime first, and with it
 //! the drivers of connections that a busy worker is still using: an in-flight read then
-//! failed with 503. So every connection is made on the main runtime, which outlives every
-//! worker, and its driver runs there.
+//! failed with 503. So every shared connection is made on the main runtime, which outlives
+//! every worker, and its driver runs there; a worker's own connections (`pools`) are made
+//! on it and used by it alone.
 
+pub mod pools;
 pub mod replicas;
+
+pub use pools::Pools;
 
 use std::time::Duration;
 
@@ -47,25 +51,30 @@ pub enum DbSetupError {
     Migrate(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// The pool: `size` connections at most, every wait bounded. Call it on the main runtime:
-/// connections are made there (see the module docs).
-pub fn pool(database_url: &str, size: usize) -> Result<PgPool, DbSetupError> {
+/// A pool of `size` connections at most, every wait bounded. `on_main`: its connections
+/// are made on the main runtime (call it there; see the module docs), else on the runtime
+/// of the task that needs a new one (an HTTP worker's own, `pools`).
+pub fn pool(database_url: &str, size: usize, on_main: bool) -> Result<PgPool, DbSetupError> {
     let mut config = ManagerConfig::default();
     // `Verified` (the default) sends a query on every checkout: one more round trip on
     // every miss. A dead connection fails its first real query instead, which the repo
     // classifies as "unavailable", and the pool drops it.
     config.recycling_method = RecyclingMethod::Fast;
-    let main = tokio::runtime::Handle::current();
-    config.custom_setup = Box::new(move |url| {
-        let made = main.spawn(connect(url.to_owned()));
-        Box::pin(async move {
-            made.await.unwrap_or_else(|e| {
-                Err(diesel::ConnectionError::BadConnection(format!(
-                    "connecting was cancelled: {e}"
-                )))
+    config.custom_setup = if on_main {
+        let main = tokio::runtime::Handle::current();
+        Box::new(move |url| {
+            let made = main.spawn(connect(url.to_owned()));
+            Box::pin(async move {
+                made.await.unwrap_or_else(|e| {
+                    Err(diesel::ConnectionError::BadConnection(format!(
+                        "connecting was cancelled: {e}"
+                    )))
+                })
             })
         })
-    });
+    } else {
+        Box::new(|url| Box::pin(connect(url.to_owned())))
+    };
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     Pool::builder(manager)

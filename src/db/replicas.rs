@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use diesel::sql_types::Text;
 use tokio::sync::watch;
 
-use crate::db::{self, DbSetupError, PgPool};
+use crate::db::{DbSetupError, PgPool, Pools};
 use crate::metrics::{self, ReplicaFallback};
 
 /// A WAL position (`pg_lsn` as a number).
@@ -62,14 +62,14 @@ struct Inner {
 /// One replica: its pool and what the tracker last learned of it.
 pub struct Replica {
     index: usize,
-    pool: PgPool,
+    pool: Pools,
     replayed: AtomicU64,
     lag_ms: AtomicU64,
     up: AtomicBool,
 }
 
 impl Replica {
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &Pools {
         &self.pool
     }
 
@@ -96,15 +96,21 @@ pub enum Health {
 }
 
 impl Replicas {
-    /// Pools for `urls`, `size` connections each.
-    pub fn new(urls: &[String], size: usize, max_lag: Duration) -> Result<Replicas, DbSetupError> {
+    /// Pools for `urls`, `size` connections each (shared and `workers` HTTP workers' own,
+    /// `db::pools`).
+    pub fn new(
+        urls: &[String],
+        size: usize,
+        workers: usize,
+        max_lag: Duration,
+    ) -> Result<Replicas, DbSetupError> {
         let replicas = urls
             .iter()
             .enumerate()
             .map(|(index, url)| {
                 Ok(Replica {
                     index,
-                    pool: db::pool(url, size)?,
+                    pool: Pools::new(url, size, workers)?,
                     replayed: AtomicU64::new(0),
                     lag_ms: AtomicU64::new(u64::MAX),
                     up: AtomicBool::new(false),
@@ -170,7 +176,7 @@ impl Replicas {
     }
 
     /// Reads the positions every [`TRACK_EVERY`] until the stop.
-    pub async fn track(self, primary: PgPool, mut stop: watch::Receiver<bool>) {
+    pub async fn track(self, primary: Arc<Pools>, mut stop: watch::Receiver<bool>) {
         if self.is_empty() {
             return;
         }
@@ -181,7 +187,7 @@ impl Replicas {
                 _ = every.tick() => {}
                 _ = stop.wait_for(|stopped| *stopped) => return,
             }
-            self.track_once(&primary).await;
+            self.track_once(primary.shared()).await;
         }
     }
 
@@ -202,7 +208,7 @@ impl Replicas {
         }
         let replays = self.inner.replicas.iter().map(|replica| async move {
             let replayed = position(
-                &replica.pool,
+                replica.pool.shared(),
                 "SELECT pg_last_wal_replay_lsn()::text AS lsn",
             )
             .await;

@@ -13,7 +13,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::db::PgPool;
+use crate::db::Pools;
 use crate::db::replicas::{Lsn, Replicas, parse_lsn};
 use crate::items::model::{Item, ItemId, ItemPatch, NewItem};
 use crate::metrics::{self, DbQuery, ReadTarget, ReplicaFallback};
@@ -179,7 +179,7 @@ pub const IN_FLIGHT_PER_CONNECTION: usize = 8;
 /// The `items` table.
 #[derive(Clone)]
 pub struct ItemRepo {
-    pool: PgPool,
+    pool: Arc<Pools>,
     /// Streaming replicas that may answer cache misses (none by default).
     replicas: Replicas,
     gate: Arc<Semaphore>,
@@ -189,10 +189,10 @@ pub struct ItemRepo {
 }
 
 impl ItemRepo {
-    pub fn new(pool: PgPool, replicas: Replicas) -> ItemRepo {
-        let size = pool.status().max_size;
+    pub fn new(pool: Pools, replicas: Replicas) -> ItemRepo {
+        let size = pool.max_size();
         ItemRepo {
-            pool,
+            pool: Arc::new(pool),
             replicas,
             gate: Arc::new(Semaphore::new(size * IN_FLIGHT_PER_CONNECTION)),
             down: Arc::new(AtomicBool::new(false)),
@@ -221,7 +221,7 @@ impl ItemRepo {
         }
     }
 
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &Arc<Pools> {
         &self.pool
     }
 

@@ -21,6 +21,7 @@ mod items_api;
 mod lookup_by_name;
 mod near_cache;
 mod openapi;
+mod pools;
 mod redis_cluster;
 mod redis_permissions;
 mod replicas;
