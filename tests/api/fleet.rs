@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use itemcache::cache::lease::LEASE_WAIT;
 use serde_json::{Value, json};
 
 use crate::cache_races::reader_paused_before_fill;
@@ -16,6 +17,16 @@ async fn three_instances(app: TestApp) -> Vec<Arc<TestApp>> {
     let second = app.another_instance().await;
     let third = app.another_instance().await;
     vec![Arc::new(app), Arc::new(second), Arc::new(third)]
+}
+
+/// The `db` duration of a response's `Server-Timing`, in milliseconds.
+fn db_ms(response: &reqwest::Response) -> f64 {
+    let timing = header(response, "server-timing");
+    timing
+        .split(',')
+        .find_map(|entry| entry.trim().strip_prefix("db;dur="))
+        .and_then(|dur| dur.parse().ok())
+        .unwrap_or_else(|| panic!("no db duration in {timing:?}"))
 }
 
 async fn version_of(response: reqwest::Response) -> i64 {
@@ -110,6 +121,14 @@ async fn a_lease_whose_holder_died_delays_readers_by_the_wait_bound_only() {
     let read = app.get_item(id).await;
     assert_eq!(read.status(), 200, "the reader gave up waiting and loaded");
     assert_eq!(header(&read, "x-cache"), "MISS");
+    // It waited for the holder's fill, up to the bound (not the lease's 60 s), before it
+    // loaded: the load's time (`Server-Timing` db) includes the wait.
+    let waited = db_ms(&read);
+    let bound = LEASE_WAIT.as_secs_f64() * 1000.0;
+    assert!(
+        waited >= bound * 0.9 && waited < bound * 5.0,
+        "waited {waited} ms for a dead holder's lease (bound {bound} ms)"
+    );
     assert_eq!(version_of(read).await, 1);
     assert_eq!(app.item_queries().await, 1);
     // Its fill (stamp-checked like any) stored the entry: the next read is a hit, and the
