@@ -93,50 +93,21 @@ pub fn slot_groups(keys: &Keys, len: usize, key_of: impl Fn(usize) -> String) ->
         .collect()
 }
 
-/// The first slot of each master's ranges, from a `CLUSTER SHARDS` reply: routing a command
-/// to that slot's master reaches each master once.
-pub fn master_routes(shards: &Value) -> Vec<RoutingInfo> {
-    let mut routes = Vec::new();
-    let Value::Array(shards) = shards else {
-        return routes;
-    };
-    for shard in shards {
-        let Some(slots) = field(shard, "slots") else {
-            continue;
-        };
-        let first = match slots {
-            Value::Array(bounds) => bounds.first().and_then(as_int),
-            _ => None,
-        };
-        if let Some(slot) = first.and_then(|s| u16::try_from(s).ok()) {
-            routes.push(RoutingInfo::SingleNode(
-                SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master)),
-            ));
-        }
-    }
-    routes
+/// A shard that serves slots, from a `CLUSTER SHARDS` reply: the first slot of its ranges,
+/// and its master's node id if it has a healthy one.
+struct Shard {
+    first_slot: i64,
+    master: Option<String>,
 }
 
-/// Each shard's first slot and its master's node id, from a `CLUSTER SHARDS` reply, sorted:
-/// a different list means a failover (or a resharding). `None` while a shard that serves
-/// slots has no healthy master, or for a reply that is not a list of shards.
-pub fn masters(shards: &Value) -> Option<Vec<(i64, String)>> {
-    let mut masters = Vec::new();
-    let Value::Array(shards) = shards else {
-        return None;
+/// The shards of a `CLUSTER SHARDS` reply that serve slots; empty for a reply that is not
+/// a list of shards.
+fn shards(reply: &Value) -> Vec<Shard> {
+    let Value::Array(shards) = reply else {
+        return Vec::new();
     };
-    for shard in shards {
-        let first = match field(shard, "slots") {
-            Some(Value::Array(bounds)) => bounds.first().and_then(as_int),
-            _ => None,
-        };
-        let Some(first) = first else {
-            continue;
-        };
-        let Some(Value::Array(nodes)) = field(shard, "nodes") else {
-            continue;
-        };
-        let master = nodes.iter().find_map(|node| {
+    let master_of = |nodes: &[Value]| {
+        nodes.iter().find_map(|node| {
             let is_master = field(node, "role").is_some_and(|role| is_name(role, "master"));
             let healthy = field(node, "health").is_none_or(|health| is_name(health, "online"));
             match field(node, "id") {
@@ -146,9 +117,47 @@ pub fn masters(shards: &Value) -> Option<Vec<(i64, String)>> {
                 Some(Value::SimpleString(id)) if is_master && healthy => Some(id.clone()),
                 _ => None,
             }
-        });
-        masters.push((first, master?));
-    }
+        })
+    };
+    shards
+        .iter()
+        .filter_map(|shard| {
+            let first_slot = match field(shard, "slots") {
+                Some(Value::Array(bounds)) => bounds.first().and_then(as_int)?,
+                _ => return None,
+            };
+            let master = match field(shard, "nodes") {
+                Some(Value::Array(nodes)) => master_of(nodes),
+                _ => None,
+            };
+            Some(Shard { first_slot, master })
+        })
+        .collect()
+}
+
+/// The first slot of each master's ranges, from a `CLUSTER SHARDS` reply: routing a command
+/// to that slot's master reaches each master once.
+pub fn master_routes(reply: &Value) -> Vec<RoutingInfo> {
+    shards(reply)
+        .iter()
+        .filter_map(|shard| u16::try_from(shard.first_slot).ok())
+        .map(|slot| {
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                slot,
+                SlotAddr::Master,
+            )))
+        })
+        .collect()
+}
+
+/// Each shard's first slot and its master's node id, from a `CLUSTER SHARDS` reply, sorted:
+/// a different list means a failover (or a resharding). `None` while a shard that serves
+/// slots has no healthy master, or for a reply that is not a list of shards.
+pub fn masters(reply: &Value) -> Option<Vec<(i64, String)>> {
+    let mut masters = shards(reply)
+        .into_iter()
+        .map(|shard| Some((shard.first_slot, shard.master?)))
+        .collect::<Option<Vec<_>>>()?;
     masters.sort();
     (!masters.is_empty()).then_some(masters)
 }
