@@ -38,8 +38,31 @@ use crate::metrics::{self, NearEviction};
 /// contend on one lock.
 const SHARDS: usize = 16;
 
-/// What an entry costs beyond its JSON: the key, the entry's fields, moka's bookkeeping.
-const OVERHEAD: u32 = 96;
+/// What every entry costs besides the Redis value it holds: moka's bookkeeping. Measured
+/// by tests/near_memory.rs (anonymous RSS growth per entry of a process of its own that
+/// stores entries through this API, under the binary's allocator, mimalloc) for a cached
+/// "not found", which holds nothing else: 358 bytes while the cache grows, 388 once it is
+/// full and evicting, when moka's hash table also keeps the slots and tombstones of evicted
+/// keys. Counted at the latter: that is where the bound binds.
+///
+/// By moka 0.12's structures, in mimalloc's size classes, about 290 to 300 of it: the key's
+/// `Arc` (24), the hash table's bucket (16) and its share of the slot array (8-byte slots,
+/// at most 70 % full: 11 to 23), the `ValueEntry` holding our `Entry` (80), its `EntryInfo`
+/// (64), the mutex of its deque-node handles (48), and two deque nodes, access order and
+/// write order for the TTL (24 each). The rest we have not attributed (slot arrays and
+/// buckets waiting for crossbeam's epoch, partly used allocator pages). Not counted per
+/// entry: the doorkeeper's 128 KiB and moka's channels and frequency sketch, a fixed
+/// 0.2 MiB or so, and evicted values waiting for the epoch (measured up to 0.9 MiB with
+/// 8 KiB items).
+///
+/// Before it was measured this was 96 and the weigher counted the JSON's length alone: a
+/// seeded item (JSON 232 bytes) was weighed 328 bytes and cost 712, so RSS grew by about
+/// 2.2 times what the cache counted (bench/results/near.md: +38 MiB for 17.2 MiB counted).
+const OVERHEAD: u64 = 390;
+
+/// The control block `bytes` allocates when the Redis value is first shared (the JSON
+/// slice `Entry::decode` takes of it): `Shared { buf, cap, ref_cnt }`.
+const SHARED: u64 = 24;
 
 /// The doorkeeper's bits (a power of two): 2^20 bits, 128 KiB.
 const DOORKEEPER_BITS: usize = 1 << 20;
@@ -90,15 +113,7 @@ impl Near {
     pub fn new(max_bytes: u64, ttl: Duration) -> Near {
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_id: &ItemId, entry: &Entry| {
-                let json = match &entry.value {
-                    Cached::Item(item) => item.json.len(),
-                    Cached::NotFound => 0,
-                };
-                u32::try_from(json)
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(OVERHEAD)
-            })
+            .weigher(|_id: &ItemId, entry: &Entry| weight(entry))
             .time_to_live(ttl)
             .eviction_listener(|_id, _entry, cause| {
                 metrics::record_near_eviction(match cause {
@@ -255,6 +270,62 @@ impl Near {
     }
 }
 
+/// What `entry` costs in memory while the near cache holds it, in bytes (moka's weigher).
+///
+/// An item's entry holds the whole Redis value its JSON was sliced from (`Entry::decode`
+/// copies nothing; redis-rs reads a bulk string into a `Vec` of exactly its length, so what
+/// is kept is the value, header included, not a larger read buffer) in the allocator's
+/// size class for it, and the `bytes` control block that shares it; then moka's
+/// bookkeeping, [`OVERHEAD`]. Measured (tests/near_memory.rs, anonymous RSS per entry),
+/// against the weight: a seeded item (Redis value 263 bytes, in a 320-byte block) 712 while
+/// the cache grows and 737 when it is full, weighed 734; an item of 8.2 KB (a 10 KiB block)
+/// 10,673, weighed 10,654; a cached "not found" 358 and 388, weighed 390. In the binary,
+/// under a sweep of 3.5 times what the bound holds, RSS grew by the bound and 0.1 to
+/// 2.6 MiB more (bounds of 4 to 32 MiB, 4 KiB pages, against the same process with the
+/// near cache off).
+///
+/// Storing a right-sized copy of the JSON instead would save only the header (about 25
+/// bytes, and sometimes a size class) at the price of an allocation and a copy per store.
+fn weight(entry: &Entry) -> u32 {
+    let value = match &entry.value {
+        Cached::Item(item) => {
+            let header = redis_header_len(item.version, entry.fresh_until_ms, entry.load_ms);
+            let held = header + item.json.len() as u64;
+            allocated(held) + SHARED
+        }
+        Cached::NotFound => 0,
+    };
+    u32::try_from(value + OVERHEAD).unwrap_or(u32::MAX)
+}
+
+/// The length of the header `Entry::encode` writes before an item's JSON:
+/// `I<version> <fresh_until_ms>/<load_ms> `.
+fn redis_header_len(version: i64, fresh_until_ms: i64, load_ms: u32) -> u64 {
+    fn digits(n: i64) -> u64 {
+        let sign = u64::from(n < 0);
+        sign + n
+            .unsigned_abs()
+            .checked_ilog10()
+            .map_or(1, |d| u64::from(d) + 1)
+    }
+    4 + digits(version) + digits(fresh_until_ms) + digits(i64::from(load_ms))
+}
+
+/// The bytes the allocator hands out for a request of `n`: mimalloc's size classes (the
+/// binary's allocator, src/main.rs; `mi_bin` in its page-queue.c) are 8-byte steps up to 64
+/// bytes, then four per doubling, so a block is up to 25 % larger than asked (263 bytes take
+/// 320, 8,201 take 10,240). Past mimalloc's largest class (far beyond any item) this
+/// overstates by as much.
+fn allocated(n: u64) -> u64 {
+    let words = n.div_ceil(8).max(1);
+    if words <= 8 {
+        return words * 8;
+    }
+    let below = words - 1;
+    let step = below.ilog2() - 2;
+    (((below >> step) + 1) << step) * 8
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -346,5 +417,50 @@ mod tests {
         let held = near.weighted_size();
         assert!(held <= max, "{held} bytes held, bound {max}");
         assert!(held > max / 2, "the cache is used: {held} bytes");
+    }
+
+    #[test]
+    fn the_weigher_counts_the_whole_redis_value_in_its_size_class() {
+        for (version, fresh_until_ms, load_ms, json_len) in [
+            (1, 1_764_000_000_123, 3, 232),
+            (12_345, 99, 0, 0),
+            (7, 1_764_000_000_123, 4_000_000_000, 8_000),
+        ] {
+            let mut entry = entry(version, json_len);
+            entry.fresh_until_ms = fresh_until_ms;
+            entry.load_ms = load_ms;
+            let Cached::Item(item) = &entry.value else {
+                unreachable!()
+            };
+            assert_eq!(
+                redis_header_len(version, fresh_until_ms, load_ms) + item.json.len() as u64,
+                entry.encode().len() as u64,
+                "the header as Entry::encode writes it"
+            );
+        }
+        // mimalloc's classes: exact to 64, then 80, 96, 112, 128, 160, ...
+        let classes: Vec<u64> = [
+            1, 8, 9, 64, 65, 80, 81, 128, 129, 263, 8_201, 10_240, 10_241,
+        ]
+        .into_iter()
+        .map(allocated)
+        .collect();
+        assert_eq!(
+            classes,
+            [
+                8, 8, 16, 64, 80, 80, 96, 128, 160, 320, 10_240, 10_240, 12_288
+            ]
+        );
+        let not_found = Entry {
+            value: Cached::NotFound,
+            fresh_until_ms: 1,
+            load_ms: 0,
+        };
+        assert_eq!(u64::from(weight(&not_found)), OVERHEAD);
+        let seeded = self::entry(1, 232);
+        assert_eq!(
+            u64::from(weight(&seeded)),
+            allocated(redis_header_len(1, i64::MAX, 1) + 232) + SHARED + OVERHEAD
+        );
     }
 }
