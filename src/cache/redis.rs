@@ -28,8 +28,8 @@ use crate::items::model::{ItemId, ItemJson};
 ///
 /// ```text
 ///   reader                               writer
-///   GET item:7          -> miss
-///   GET stamp:7         -> s1
+///   MGET item:7 stamp:7 flush
+///                       -> miss, s1 (the stamp noted with the lookup)
 ///   SELECT ... v3
 ///                                        UPDATE ... v4; COMMIT
 ///                                        SET stamp:7 s2; DEL item:7
