@@ -278,6 +278,7 @@ impl ItemService {
         let started = Instant::now();
         let cached = self.inner.cache.lookup(id).await;
         let cache_time = started.elapsed();
+        // The stamp Redis gave with the entry; none from the near cache.
         let (entry, stamp) = match cached {
             // Redis down or past its deadline (counted in cache/): answer from Postgres.
             Err(_) => return self.load_one(id, None, cache_time).await,
@@ -313,7 +314,7 @@ impl ItemService {
         let freshness = Freshness {
             ttl_ms: Some(entry.fresh_until_ms - now),
             refresh: (verdict != Verdict::Fresh).then_some(verdict),
-            near: stamp.is_none(),
+            near: stamp.is_none(), // only the near cache answers without a stamp
         };
         let mut lookup = Lookup::new(item_of(entry), CacheStatus::Hit, cache_time, None);
         lookup.freshness = freshness;
