@@ -14,6 +14,7 @@ snapshots around each measured run (RAW/probe.jsonl) or a per-second series
 
 import json
 import os
+import re
 import statistics
 
 import numpy as np
@@ -368,6 +369,33 @@ def _redis_commands(path):
     return out
 
 
+def _redis_trace(raw):
+    """RAW/cold.fill.redis-trace.txt (redis-cli MONITOR around one miss, then a hit of the
+    same id): [{"t", "lua", "cmd", "args"}], and the two requests' X-Cache."""
+    path = os.path.join(raw, "cold.fill.redis-trace.txt")
+    if not os.path.exists(path):
+        return None
+    rows = []
+    for line in open(path):
+        m = re.match(r'^([0-9.]+) \[\d+ ([^\]]+)\] (.*)$', line.strip())
+        if not m:
+            continue
+        args = re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(3))
+        if not args:
+            continue
+        rows.append({"t": float(m.group(1)), "lua": m.group(2) == "lua", "cmd": args[0].upper(),
+                     "args": [a if len(a) <= 48 else a[:45] + "..." for a in args[1:4]]})
+    heads = {}
+    for kind in ("miss", "hit"):
+        hp = os.path.join(raw, f"cold.fill.trace-{kind}.headers")
+        if os.path.exists(hp):
+            xc = re.search(r"^x-cache:\s*(\S+)", open(hp).read(), re.I | re.M)
+            heads[kind] = xc.group(1) if xc else None
+    tid = open(os.path.join(raw, "cold.fill.trace-id")).read().strip() if os.path.exists(
+        os.path.join(raw, "cold.fill.trace-id")) else None
+    return {"id": tid, "commands": rows, "x_cache": heads}
+
+
 def misspath_results(raw, phases, runs, refs, meta):
     snaps = _jsonl(os.path.join(raw, "probe.jsonl"))
     nproc = meta["machine"]["nproc"]
@@ -414,7 +442,7 @@ def misspath_results(raw, phases, runs, refs, meta):
                          "others_cpu_cores": r.get("others_cpu_cores")})
     if not rows and not ref_rows:
         return None
-    return {"runs": rows, "refs": ref_rows,
+    return {"runs": rows, "refs": ref_rows, "trace": _redis_trace(raw),
             "profiled": [t for t in ("bypass", "cold") if os.path.exists(os.path.join(raw, f"perf-{t}.data"))],
             "warm": _json(os.path.join(raw, "warm.json"))}
 
@@ -491,6 +519,25 @@ def misspath_markdown(mp):
         L.append("Redis commands per request: " + "; ".join(
             f"{r['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["redis_commands_per_req"].items() if v >= 0.005)
             for r in rc) + ".\n")
+    tr = mp.get("trace")
+    if tr and tr["commands"]:
+        cmds = tr["commands"]
+        t0 = cmds[0]["t"]
+        # The two requests are 0.2 s apart: the first gap over 0.1 s separates them.
+        cut = next((i for i in range(1, len(cmds)) if cmds[i]["t"] - cmds[i - 1]["t"] > 0.1), len(cmds))
+        first, second = cmds[:cut], cmds[cut:]
+        L.append(f"One miss traced after the measured run (`redis-cli MONITOR` while one request read id {tr['id']}, "
+                 f"evicted just before, answered {tr['x_cache'].get('miss')}, then the same id again 0.2 s later, "
+                 f"answered {tr['x_cache'].get('hit')}): the first request sent "
+                 f"{sum(1 for c in first if not c['lua'])} commands, and scripts ran "
+                 f"{sum(1 for c in first if c['lua'])} more (`lua`); the second sent "
+                 f"{sum(1 for c in second if not c['lua'])}:\n")
+        L.append("| ms | from | command |")
+        L.append("| --- | --- | --- |")
+        for c in cmds[:40]:
+            L.append(f"| {(c['t'] - t0) * 1000:.2f} | {'lua' if c['lua'] else 'service'} | "
+                     f"`{' '.join([c['cmd']] + c['args']).replace('|', '/')}` |")
+        L.append("")
     b = next((r for r in mp["runs"] if r["name"] == "batch.c64"), None)
     if b and b.get("service_us_per_req"):
         L.append(f"Batch of 100: {b['service_us_per_req'] / 100:.2f} µs of service CPU per item "
