@@ -310,12 +310,17 @@ fn weigher_holds_for(what: &str, description_len: Option<usize>, entries: u64) {
         held.per_entry() - alone.per_entry(),
         (weighed / held.per_entry() - 1.0) * 100.0,
     );
-    let ratio = held.weighted as f64 / held.rss as f64;
+    assert_weighs_within_a_fifth(what, &held);
+}
+
+/// The weigher's count is within ±20 % of the RSS the entries took.
+fn assert_weighs_within_a_fifth(what: &str, measured: &Measured) {
+    let ratio = measured.weighted as f64 / measured.rss as f64;
     assert!(
         (0.8..=1.2).contains(&ratio),
         "{what}: the weigher counts {} bytes for {} bytes of RSS growth ({ratio:.2})",
-        held.weighted,
-        held.rss
+        measured.weighted,
+        measured.rss
     );
 }
 
@@ -350,13 +355,7 @@ fn the_weigher_counts_what_a_full_cache_holds() {
         full.per_entry(),
         full.weighted as f64 / MIB as f64,
     );
-    let ratio = full.weighted as f64 / full.rss as f64;
-    assert!(
-        (0.8..=1.2).contains(&ratio),
-        "a full cache: the weigher counts {} bytes for {} bytes of RSS growth ({ratio:.2})",
-        full.weighted,
-        full.rss
-    );
+    assert_weighs_within_a_fifth("a full cache", &full);
 }
 
 // ---------------------------------------------------------------------------------------
