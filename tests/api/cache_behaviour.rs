@@ -30,12 +30,7 @@ async fn first_read_is_a_miss_and_later_reads_are_hits() {
 #[tokio::test]
 async fn an_entry_expires_after_its_ttl() {
     // Without stale-while-revalidate, which would keep a read entry fresh (see freshness.rs).
-    let app = Spawn::default()
-        .var("CACHE_TTL_SECS", 1)
-        .var("CACHE_TTL_JITTER", 0)
-        .var("CACHE_SWR_SECS", 0)
-        .start()
-        .await;
+    let app = Spawn::default().ttl(1, 0).start().await;
     let id = app.insert_items(1).await[0];
     assert_eq!(header(&app.get_item(id).await, "x-cache"), "MISS");
     assert_eq!(header(&app.get_item(id).await, "x-cache"), "HIT");

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::freshness::short_lived;
 use crate::support::{Backends, Spawn, TestApp, eventually, header, spawn_app};
 
 const HIT: &str = "itemcache; hit";
@@ -88,11 +89,7 @@ async fn a_miss_that_was_cached_and_the_hits_after_it_say_so() {
 
 #[tokio::test]
 async fn a_hit_says_how_fresh_its_entry_is_and_when_it_is_revalidated() {
-    let app = Spawn::default()
-        .var("CACHE_TTL_SECS", 300)
-        .var("CACHE_TTL_JITTER", 0)
-        .start()
-        .await;
+    let app = Spawn::default().ttl(300, 10).start().await;
     let id = app.insert_items(1).await[0];
     assert_eq!(
         read(&app, &format!("/items/{id}")).await,
@@ -105,12 +102,7 @@ async fn a_hit_says_how_fresh_its_entry_is_and_when_it_is_revalidated() {
     assert_eq!(detail, None, "far from expiry: no early refresh");
 
     // Past freshness, within CACHE_SWR_SECS: still a hit, a stale one, being revalidated.
-    let app = Spawn::default()
-        .var("CACHE_TTL_SECS", 1)
-        .var("CACHE_TTL_JITTER", 0)
-        .var("CACHE_SWR_SECS", 30)
-        .start()
-        .await;
+    let app = short_lived().await;
     let id = app.insert_items(1).await[0];
     assert_eq!(
         read(&app, &format!("/items/{id}")).await,
@@ -153,10 +145,8 @@ async fn with_the_cache_disabled_every_read_bypasses_it() {
 async fn with_postgres_down_a_stale_entry_says_its_forward_failed() {
     let app = Spawn::default()
         .backends(Backends::dedicated().await)
-        .var("CACHE_TTL_SECS", 1)
-        .var("CACHE_TTL_JITTER", 0)
-        // Else the entry is served as a hit, revalidating, for that long first.
-        .var("CACHE_SWR_SECS", 0)
+        // No stale-while-revalidate: else the entry is served as a hit, revalidating, first.
+        .ttl(1, 0)
         .start()
         .await;
     let id = app.insert_items(1).await[0];

@@ -10,12 +10,7 @@ use serde_json::{Value, json};
 use crate::support::{Spawn, TestApp, eventually, header};
 
 pub(crate) async fn short_lived() -> TestApp {
-    Spawn::default()
-        .var("CACHE_TTL_SECS", 1)
-        .var("CACHE_TTL_JITTER", 0)
-        .var("CACHE_SWR_SECS", 30)
-        .start()
-        .await
+    Spawn::default().ttl(1, 30).start().await
 }
 
 /// The raw entry's `(fresh_until_ms, load_ms)`.

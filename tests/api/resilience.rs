@@ -269,10 +269,8 @@ async fn a_slow_redis_is_cut_off_at_the_deadline() {
 async fn postgres_down_serves_what_is_cached_and_503_for_the_rest() {
     let app = Spawn::default()
         .backends(Backends::dedicated().await)
-        .var("CACHE_TTL_SECS", 1)
-        .var("CACHE_TTL_JITTER", 0)
         // Past freshness, the entry answers as STALE only beyond stale-while-revalidate.
-        .var("CACHE_SWR_SECS", 0)
+        .ttl(1, 0)
         .start()
         .await;
     let ids = app.insert_items(2).await;

@@ -141,6 +141,14 @@ impl Spawn {
         self
     }
 
+    /// Entries fresh for exactly `fresh_secs` (no jitter), then served while they are
+    /// revalidated for `swr_secs` (0: they expire at once).
+    pub fn ttl(self, fresh_secs: u64, swr_secs: u64) -> Spawn {
+        self.var("CACHE_TTL_SECS", fresh_secs)
+            .var("CACHE_TTL_JITTER", 0)
+            .var("CACHE_SWR_SECS", swr_secs)
+    }
+
     pub fn backends(mut self, backends: Arc<Backends>) -> Spawn {
         self.backends = Some(backends);
         self
