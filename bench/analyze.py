@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import scenarios  # noqa: E402  (bench/scenarios.py: steps 10-12)
+from common import read_jsonl  # noqa: E402  (bench/common.py)
 
 MIB = 1024 * 1024
 
@@ -36,10 +37,7 @@ MIB = 1024 * 1024
 
 
 def load_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path) if os.path.exists(path) else []
 
 
 def load_wrk(path):
@@ -627,12 +625,7 @@ def report(raw, out, duration):
     def ratio(a, b):
         return round(a / b, 3) if a is not None and b else None
 
-    def get(d, *path):
-        for p in path:
-            if d is None:
-                return None
-            d = d.get(p)
-        return d
+    get = get_in
 
     hit64, hit1 = runs.get("hit.c64"), runs.get("hit.c1")
     pg16 = get(refs, "pgbench.S.c16", "rps")

@@ -42,8 +42,6 @@ import http.client
 import json
 import os
 import random
-import re
-import signal
 import socket
 import statistics
 import sys
@@ -51,78 +49,13 @@ import time
 
 import psycopg
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (Redis, Stop, add_options, append_jsonl, cpu_s, get_metrics,  # noqa: E402
+                    metric_samples, read_pid, rss_kib, run_subcommand, ticks, tree_cpu_s)
 
 # The queue's length as the service reports it: the span of queued sequence numbers (two
 # index lookups however long the queue is; src/feed/changes.rs `backlog`).
 BACKLOG_SQL = "SELECT coalesce(max(seq) - min(seq) + 1, 0)::bigint FROM item_changes"
-
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-# --- processes --------------------------------------------------------------------------
-
-
-def read_pid(pidfile):
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().split()[0])
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def stat_fields(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def cpu_s(pid):
-    """utime + stime of one process, seconds."""
-    try:
-        f = stat_fields(pid)
-        return (int(f[11]) + int(f[12])) / CLK_TCK
-    except OSError:
-        return None
-
-
-def rss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def tree_cpu_s(parent):
-    """CPU seconds of a server and its children: the parent's own and its reaped children's
-    (cutime + cstime), plus every live child's. Continuous as backends come and go."""
-    try:
-        f = stat_fields(parent)
-    except OSError:
-        return None
-    total = sum(int(x) for x in f[11:15])
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            g = stat_fields(int(name))
-        except OSError:
-            continue
-        if int(g[1]) == parent:
-            total += int(g[11]) + int(g[12])
-    return total / CLK_TCK
 
 
 # --- the service ------------------------------------------------------------------------
@@ -130,20 +63,10 @@ def tree_cpu_s(parent):
 
 def scrape(port, timeout=2.0):
     """The feed's metrics: lag histograms by source, backlog gauge, applied counter."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    conn.request("GET", "/metrics")
-    r = conn.getresponse()
-    text = r.read().decode()
-    conn.close()
+    text = get_metrics(port, timeout)
     lag = {}
     out = {"t": time.time(), "lag": lag, "backlog": None, "applied": 0.0, "follower": {}}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        m = LINE.match(line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), dict(LABEL.findall(m.group(2) or "")), float(m.group(3))
+    for name, labels, value in metric_samples(text):
         if name.startswith("itemcache_invalidation_lag_seconds"):
             h = lag.setdefault(labels.get("source", ""), {"buckets": {}, "sum": 0.0, "count": 0.0})
             if name.endswith("_bucket"):
@@ -213,12 +136,10 @@ def summary_ms(values):
 
 
 def cmd_monitor(args):
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    stop = Stop()
     db = None
-    next_t = time.time()
     with open(args.out, "a", buffering=1) as out:
-        while not stop:
+        for _ in ticks(args.interval, stop):
             s = {"t": round(time.time(), 3)}
             pid = read_pid(args.svc_pidfile)
             if pid:
@@ -244,13 +165,7 @@ def cmd_monitor(args):
                     s["applied"] = m["applied"]
                 except (OSError, http.client.HTTPException, ValueError):
                     pass
-            out.write(json.dumps(s, separators=(",", ":")) + "\n")
-            next_t += args.interval
-            delay = next_t - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                next_t = time.time()
+            append_jsonl(out, s)
     return 0
 
 
@@ -259,60 +174,13 @@ def cmd_scrape(args):
     return 0
 
 
-class Redis:
-    """A bare RESP client on one connection: enough for KEYS and EXISTS."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
-
-    def call(self, *args):
-        parts = [f"*{len(args)}\r\n".encode()]
-        for a in args:
-            a = a.encode() if isinstance(a, str) else a
-            parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        self.sock.sendall(b"".join(parts))
-        return self._reply()
-
-    def _line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("redis closed the connection")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def _reply(self):
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b":":
-            return int(rest)
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            while len(self.buf) < n + 2:
-                self.buf += self.sock.recv(65536)
-            data, self.buf = self.buf[:n], self.buf[n + 2:]
-            return data
-        if kind == b"*":
-            return [self._reply() for _ in range(int(rest))]
-        raise RuntimeError(f"unexpected reply {line!r}")
-
-
 def cmd_lag(args):
     """Per write: cache an id, commit an UPDATE of it, then ask Redis (EXISTS on the id's
     entry, every ~0.3 ms) until the entry is gone: the feed has applied the change. Then one
     GET, which must show the new version."""
     svc = Http(args.port)
     db = psycopg.connect(args.dsn, autocommit=True)
-    rd = Redis(args.redis_port)
+    rd = Redis(args.redis_port, nodelay=True)  # TCP_NODELAY: each EXISTS is a timed round trip
     samples, not_cached, timeouts, stale_reads = [], 0, 0, 0
     redis_rtt = []
     item_id = args.first_id
@@ -581,47 +449,42 @@ def main():
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("monitor")
     p.add_argument("--svc-pidfile", required=True)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--dsn", required=True)
+    add_options(p, "--port", "--dsn")
     p.add_argument("--pg-pid", type=int)
     p.add_argument("--redis-pidfile")
     p.add_argument("--interval", type=float, default=0.1)
-    p.add_argument("--out", required=True)
+    add_options(p, "--out")
     p = sub.add_parser("scrape")
-    p.add_argument("--port", type=int, required=True)
+    add_options(p, "--port")
     p = sub.add_parser("lag")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--redis-port", type=int, required=True)
-    p.add_argument("--dsn", required=True)
+    add_options(p, "--port", "--redis-port", "--dsn")
     p.add_argument("--first-id", type=int, required=True)
     p.add_argument("--rate", type=float, default=20)
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("--out", required=True)
+    add_options(p, "--out")
     p = sub.add_parser("drained")
-    p.add_argument("--dsn", required=True)
+    add_options(p, "--dsn")
     p.add_argument("--timeout", type=float, default=60)
     p = sub.add_parser("check")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--dsn", required=True)
+    add_options(p, "--port", "--dsn")
     p.add_argument("--ids")
     p.add_argument("--ids-file")
     p = sub.add_parser("bulk")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--dsn", required=True)
+    add_options(p, "--port", "--dsn")
     p.add_argument("--svc-pidfile", required=True)
     p.add_argument("--items", type=int, required=True)
     p.add_argument("--warm", type=int, default=1000)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--out", required=True)
+    add_options(p, "--out")
     p = sub.add_parser("bulk-compare")
-    p.add_argument("--dsn", required=True)
+    add_options(p, "--dsn")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", required=True)
-    args = ap.parse_args()
-    return {"monitor": cmd_monitor, "scrape": cmd_scrape, "lag": cmd_lag, "drained": cmd_drained,
-            "check": cmd_check, "bulk": cmd_bulk, "bulk-compare": cmd_bulk_compare}[args.command](args)
+    add_options(p, "--out")
+    return run_subcommand(ap, "command", {
+        "monitor": cmd_monitor, "scrape": cmd_scrape, "lag": cmd_lag, "drained": cmd_drained,
+        "check": cmd_check, "bulk": cmd_bulk, "bulk-compare": cmd_bulk_compare})
 
 
 if __name__ == "__main__":

@@ -33,25 +33,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe import CLK_TCK, ITEMS_SQL, LABEL, LINE, cpu_s, read_pid, tree_cpu_s  # noqa: E402
+from common import (CLK_TCK, add_options, append_jsonl, burst, command_after_dashes,  # noqa: E402
+                    count_metrics, cpu_s, get_metrics, get_request, latency_ms, machine_jiffies,
+                    read_jsonl, read_pid, run_subcommand, tally, tree_cpu_s)
 
 
 # --- stampede ---------------------------------------------------------------------------
-
-
-def parse(buf):
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    lines = buf[:end].decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        if ":" in line:
-            k, v = line.split(":", 1)
-            headers[k.strip().lower()] = v.strip()
-    if len(buf) - end - 4 < int(headers.get("content-length", "0")):
-        return None
-    return int(lines[0].split()[1]), headers
 
 
 def listen_overflows():
@@ -105,71 +92,28 @@ def cmd_stampede(args):
     time.sleep(0.5)  # let every instance accept its connections before the burst
     for s, _ in socks:
         s.setblocking(True)
-    requests = {p: (f"GET /items/{args.id} HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\n"
-                    "Connection: close\r\n\r\n").encode() for p in ports}
-    t0 = time.perf_counter()
-    for s, port in socks:
-        s.sendall(requests[port])
-    sent = time.perf_counter() - t0
+    requests = {p: get_request(f"/items/{args.id}", p) for p in ports}
+    sent, results = burst([(s, requests[port]) for s, port in socks], args.timeout)
 
-    sel = selectors.DefaultSelector()
-    bufs, port_of = {}, {}
-    for s, port in socks:
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ)
-        bufs[s], port_of[s] = b"", port
-    results = {}
-    deadline = t0 + args.timeout
-    while len(results) < len(socks) and time.perf_counter() < deadline:
-        for key, _ in sel.select(timeout=1.0):
-            s = key.fileobj
-            try:
-                chunk = s.recv(65536)
-            except OSError as e:
-                results[s] = (None, type(e).__name__, time.perf_counter() - t0)
-                sel.unregister(s)
-                continue
-            if chunk:
-                bufs[s] += chunk
-                done = parse(bufs[s])
-                if done:
-                    results[s] = (done[0], done[1].get("x-cache", "-"), time.perf_counter() - t0)
-                    sel.unregister(s)
-            else:
-                done = parse(bufs[s])
-                results[s] = ((done[0], done[1].get("x-cache", "-"), time.perf_counter() - t0) if done
-                              else (None, "closed", time.perf_counter() - t0))
-                sel.unregister(s)
-    for s, _ in socks:
-        if s not in results:
-            results[s] = (None, "timeout", args.timeout)
-        s.close()
-
-    statuses, caches, errors, lat, per_port = {}, {}, {}, [], {}
+    port_of = dict(socks)
+    statuses, caches, errors, lat = tally(results)
+    per_port = {}
     for s, (status, cache, took) in results.items():
         pp = per_port.setdefault(str(port_of[s]), {"requests": 0, "errors": 0, "x_cache": {}})
         pp["requests"] += 1
         if status is None:
-            errors[cache] = errors.get(cache, 0) + 1
             pp["errors"] += 1
             continue
-        statuses[str(status)] = statuses.get(str(status), 0) + 1
-        caches[cache] = caches.get(cache, 0) + 1
         pp["x_cache"][cache] = pp["x_cache"].get(cache, 0) + 1
         if status != 200:
             pp["errors"] += 1
-        lat.append(took)
-    lat.sort()
-
-    def pct(p):
-        return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000, 2) if lat else None
 
     non_200 = sum(v for k, v in statuses.items() if k != "200")
     print(json.dumps({
         "id": args.id, "concurrency": args.concurrency, "ports": ports,
         "connect_ms": round(connect * 1000, 1), "listen_overflows": overflows, "send_spread_ms": round(sent * 1000, 2), "statuses": statuses, "x_cache": caches,
         "errors": sum(errors.values()) + non_200, "error_kinds": errors, "per_port": per_port,
-        "latency_ms": {"p50": pct(50), "p99": pct(99), "max": pct(100)},
+        "latency_ms": latency_ms(lat),
     }))
     return 0
 
@@ -178,39 +122,25 @@ def cmd_stampede(args):
 
 
 def scrape(port):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
+    text = get_metrics(port, timeout=5)
     out = {"leases": {}, "queries": {}, "lookups": {}, "coalesced": 0.0, "http": {}}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        m = LINE.match(line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), dict(LABEL.findall(m.group(2) or "")), float(m.group(3))
-        if name == "itemcache_leases_total":
-            out["leases"][labels.get("outcome", "")] = value
-        elif name == "itemcache_db_query_duration_seconds_count":
-            out["queries"][labels.get("query", "")] = value
-        elif name == "itemcache_cache_lookups_total":
-            out["lookups"][labels.get("result", "")] = value
-        elif name == "itemcache_coalesced_requests_total":
-            out["coalesced"] = value
-        elif name == "itemcache_http_requests_total" and labels.get("route", "").startswith("/items"):
+    rest = count_metrics(text, out, {
+        "itemcache_leases_total": ("leases", "outcome"),
+        "itemcache_db_query_duration_seconds_count": ("queries", "query"),
+        "itemcache_cache_lookups_total": ("lookups", "result"),
+        "itemcache_coalesced_requests_total": ("coalesced", None),
+    })
+    for name, labels, value in rest:
+        if name == "itemcache_http_requests_total" and labels.get("route", "").startswith("/items"):
             k = labels.get("status", "?")[:1] + "xx"
             out["http"][k] = out["http"].get(k, 0) + value
     return out
 
 
-def machine_jiffies():
-    v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    return sum(v) - v[3] - v[4], sum(v)
-
-
 def cmd_snapshot(args):
     import psycopg
+
+    from probe import ITEMS_SQL
 
     snap = {"label": args.label, "t": round(time.time(), 3), "instances": []}
     busy, total = machine_jiffies()
@@ -240,7 +170,7 @@ def cmd_snapshot(args):
             calls, ms = db.execute(ITEMS_SQL).fetchone()
             snap["pg_items_calls"] = int(calls)
     with open(args.out, "a") as out:
-        out.write(json.dumps(snap, separators=(",", ":")) + "\n")
+        append_jsonl(out, snap)
     return 0
 
 
@@ -248,7 +178,7 @@ def cmd_snapshot(args):
 
 
 def cmd_wrk(args):
-    cmd = args.command[1:] if args.command and args.command[0] == "--" else args.command
+    cmd = command_after_dashes(args.command)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(args.out, "w") as out:
         rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -260,11 +190,6 @@ def cmd_wrk(args):
 
 
 # --- report -------------------------------------------------------------------------------
-
-
-def load_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def wrk_result(path):
@@ -326,8 +251,8 @@ def span(values, digits=0):
 def cmd_report(args):
     raw = args.raw
     meta = json.load(open(os.path.join(raw, "meta.json")))
-    runs = load_jsonl(os.path.join(raw, "runs.jsonl"))
-    snaps = {s["label"]: s for s in load_jsonl(os.path.join(raw, "snapshots.jsonl"))}
+    runs = read_jsonl(os.path.join(raw, "runs.jsonl"))
+    snaps = {s["label"]: s for s in read_jsonl(os.path.join(raw, "snapshots.jsonl"))}
     results = {"meta": meta, "stampede": {}, "load": []}
 
     # Stampedes: per instance count, per id.
@@ -562,28 +487,26 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("stampede")
     p.add_argument("--ports", required=True)
-    p.add_argument("--id", type=int, required=True)
-    p.add_argument("--concurrency", type=int, default=1000)
+    add_options(p, "--id", "--concurrency")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--connect-batch", type=int, default=100)
     p.add_argument("--connect-pause", type=float, default=0.05)
     p = sub.add_parser("snapshot")
-    p.add_argument("--label", required=True)
+    add_options(p, "--label")
     p.add_argument("--ports", default="")
     p.add_argument("--svc-pidfiles", default="")
     p.add_argument("--nginx-pidfile")
     p.add_argument("--redis-pidfile")
     p.add_argument("--pg", help="PORT:PIDFILE (postmaster.pid)")
-    p.add_argument("--out", required=True)
+    add_options(p, "--out")
     p = sub.add_parser("wrk")
-    p.add_argument("--out", required=True)
+    add_options(p, "--out")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p = sub.add_parser("report")
     p.add_argument("raw")
     p.add_argument("out")
-    args = ap.parse_args()
-    return {"stampede": cmd_stampede, "snapshot": cmd_snapshot, "wrk": cmd_wrk,
-            "report": cmd_report}[args.cmd](args)
+    return run_subcommand(ap, "cmd", {"stampede": cmd_stampede, "snapshot": cmd_snapshot, "wrk": cmd_wrk,
+                                      "report": cmd_report})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@
 import argparse
 import json
 import os
-import re
 import resource
 import select
 import signal
@@ -38,8 +37,9 @@ import sys
 import time
 import urllib.request
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (CLK_TCK, Stop, add_options, command_after_dashes, cpu_s,  # noqa: E402
+                    machine_jiffies, metric_samples, parse_head, status_fields)
 
 
 def metrics(port):
@@ -50,28 +50,15 @@ def metrics(port):
             text = r.read().decode()
     except OSError:
         return out
-    for line in text.splitlines():
-        m = LINE.match(line)
-        if not m or not (m.group(1).startswith("itemcache_near_cache") or
-                         m.group(1) == "itemcache_cache_lookups_total"):
+    for name, labels, value in metric_samples(text, raw_labels=True):
+        if not (name.startswith("itemcache_near_cache") or name == "itemcache_cache_lookups_total"):
             continue
-        out[m.group(1) + ("{" + m.group(2) + "}" if m.group(2) else "")] = float(m.group(3))
+        out[name + ("{" + labels + "}" if labels else "")] = value
     return out
 
 
-def proc_cpu(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except OSError:
-        return None
-
-
 def machine_busy():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / CLK_TCK
+    return machine_jiffies()[0] / CLK_TCK
 
 
 def parse_result(text):
@@ -91,7 +78,7 @@ def parse_result(text):
 
 def cmd_measure(a):
     pids = dict(p.split("=", 1) for p in a.pid)
-    before = {k: proc_cpu(v) for k, v in pids.items()}
+    before = {k: cpu_s(v) for k, v in pids.items()}
     m0 = metrics(a.port) if a.port else {}
     busy0 = machine_busy()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -102,7 +89,7 @@ def cmd_measure(a):
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy1 = machine_busy()
     m1 = metrics(a.port) if a.port else {}
-    after = {k: proc_cpu(v) for k, v in pids.items()}
+    after = {k: cpu_s(v) for k, v in pids.items()}
     if rc != 0:
         sys.exit(f"{a.command[0]} failed (exit {rc})")
     wall = t1 - t0
@@ -153,24 +140,13 @@ def cmd_populate(a):
     out.write(b"".join(chunk))
 
 
-stop = False
-
-
 def cmd_sample(a):
-    def on_term(*_):
-        global stop
-        stop = True
-    signal.signal(signal.SIGTERM, on_term)
+    stop = Stop(signal.SIGTERM)
     with open(a.out, "w") as out:
-        while not stop:
+        while not stop.set:
             row = {"t": time.time()}
             try:
-                with open(f"/proc/{a.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            row["rss_kib"] = int(line.split()[1])
-                        elif line.startswith("VmHWM:"):
-                            row["hwm_kib"] = int(line.split()[1])
+                row.update(status_fields(a.pid, {"VmRSS": "rss_kib", "VmHWM": "hwm_kib"}))
             except OSError:
                 break
             m = metrics(a.port)
@@ -206,20 +182,15 @@ class Conn:
         return self.parse()
 
     def parse(self):
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
+        head = parse_head(self.buf)
+        if head is None:
             return None
-        lines = self.buf[:end].decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-        n = int(headers.get("content-length", "0"))
-        if len(self.buf) < end + 4 + n:
+        status, headers, start, n = head
+        if len(self.buf) < start + n:
             return None
-        body = self.buf[end + 4:end + 4 + n]
-        self.buf = self.buf[end + 4 + n:]
-        return int(lines[0].split()[1]), headers, body
+        body = self.buf[start:start + n]
+        self.buf = self.buf[start + n:]
+        return status, headers, body
 
     def request(self, method, path, body=b""):
         self.send(method, path, body)
@@ -547,8 +518,7 @@ def main():
     p.add_argument("--size", type=int, required=True)
     s = sub.add_parser("sample")
     s.add_argument("--pid", type=int, required=True)
-    s.add_argument("--port", type=int, required=True)
-    s.add_argument("--out", required=True)
+    add_options(s, "--port", "--out")
     s.add_argument("--interval", type=float, default=0.25)
     st = sub.add_parser("stale")
     st.add_argument("--a", type=int, required=True)
@@ -556,14 +526,13 @@ def main():
     st.add_argument("--first-id", type=int, required=True)
     st.add_argument("--trials", type=int, required=True)
     st.add_argument("--ttl-ms", type=int, default=1000)
-    st.add_argument("--out", required=True)
+    add_options(st, "--out")
     r = sub.add_parser("report")
     r.add_argument("raw")
     r.add_argument("out")
     a = ap.parse_args()
     if a.sub == "measure":
-        if a.command and a.command[0] == "--":
-            a.command = a.command[1:]
+        a.command = command_after_dashes(a.command)
         cmd_measure(a)
     elif a.sub == "populate":
         cmd_populate(a)

@@ -29,16 +29,14 @@ import http.client
 import json
 import os
 import re
-import signal
-import socket
 import sys
 import time
 
 import psycopg
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (Redis, Stop, add_options, append_jsonl, count_metrics, cpu_s,  # noqa: E402
+                    get_metrics, read_pid, run_subcommand, stat_fields, ticks, tree_cpu_s)
 
 # Statements on `items` in the itemcache database (the service's reads: get_item, get_items,
 # ids_by_name, list_by_name; not item_changes, not this query).
@@ -55,36 +53,6 @@ FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'itemcache')
   AND query !~* 'pg_stat_statements'
 """
-
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-def stat_fields(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def read_pid(pidfile):
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().split()[0])
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def cpu_s(pid):
-    try:
-        f = stat_fields(pid)
-        return (int(f[11]) + int(f[12])) / CLK_TCK
-    except OSError:
-        return None
 
 
 def ctxsw(pid, threads=True):
@@ -121,49 +89,16 @@ def tree_ctxsw(parent):
     return total
 
 
-def tree_cpu_s(parent):
-    """A server's CPU seconds: the parent's own and its reaped children's (cutime, cstime),
-    plus every live child's. Continuous as backends come and go."""
-    try:
-        f = stat_fields(parent)
-    except OSError:
-        return None
-    total = sum(int(x) for x in f[11:15])
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            g = stat_fields(int(name))
-        except OSError:
-            continue
-        if int(g[1]) == parent:
-            total += int(g[11]) + int(g[12])
-    return total / CLK_TCK
-
-
 def scrape(port):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
+    text = get_metrics(port, timeout=2)
     out = {"lookups": {}, "db_reads": {}, "fallbacks": {}, "queries": {}, "coalesced": 0.0}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        m = LINE.match(line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), dict(LABEL.findall(m.group(2) or "")), float(m.group(3))
-        if name == "itemcache_cache_lookups_total":
-            out["lookups"][labels.get("result", "")] = value
-        elif name == "itemcache_db_reads_total":
-            out["db_reads"][labels.get("target", "")] = value
-        elif name == "itemcache_replica_fallbacks_total":
-            out["fallbacks"][labels.get("reason", "")] = value
-        elif name == "itemcache_db_query_duration_seconds_count":
-            out["queries"][labels.get("query", "")] = value
-        elif name == "itemcache_coalesced_requests_total":
-            out["coalesced"] = value
+    count_metrics(text, out, {
+        "itemcache_cache_lookups_total": ("lookups", "result"),
+        "itemcache_db_reads_total": ("db_reads", "target"),
+        "itemcache_replica_fallbacks_total": ("fallbacks", "reason"),
+        "itemcache_db_query_duration_seconds_count": ("queries", "query"),
+        "itemcache_coalesced_requests_total": ("coalesced", None),
+    })
     return out
 
 
@@ -224,70 +159,17 @@ def snapshot(args, servers, label=None):
 def cmd_snapshot(args):
     servers = Servers(args.pg)
     with open(args.out, "a") as out:
-        out.write(json.dumps(snapshot(args, servers, args.label), separators=(",", ":")) + "\n")
+        append_jsonl(out, snapshot(args, servers, args.label))
     return 0
 
 
 def cmd_monitor(args):
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    stop = Stop()
     servers = Servers(args.pg)
-    next_t = time.time()
     with open(args.out, "a", buffering=1) as out:
-        while not stop:
-            out.write(json.dumps(snapshot(args, servers), separators=(",", ":")) + "\n")
-            next_t += args.interval
-            delay = next_t - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                next_t = time.time()
+        for _ in ticks(args.interval, stop):
+            append_jsonl(out, snapshot(args, servers))
     return 0
-
-
-class Redis:
-    """A bare RESP client on one connection, pipelined."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def send(self, *args):
-        parts = [f"*{len(args)}\r\n".encode()]
-        for a in args:
-            a = a.encode() if isinstance(a, str) else a
-            parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        self.sock.sendall(b"".join(parts))
-
-    def _line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("redis closed the connection")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def reply(self):
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b":":
-            return int(rest)
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            while len(self.buf) < n + 2:
-                self.buf += self.sock.recv(65536)
-            data, self.buf = self.buf[:n], self.buf[n + 2:]
-            return data
-        if kind == b"*":
-            return [self.reply() for _ in range(int(rest))]
-        raise RuntimeError(f"unexpected reply {line!r}")
 
 
 # An item entry's header: I<version> <fresh_until_ms>/<load_ms> (src/cache/redis.rs).
@@ -326,21 +208,20 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("snapshot", "monitor"):
         p = sub.add_parser(name)
-        p.add_argument("--port", type=int, required=True)
+        add_options(p, "--port")
         p.add_argument("--svc-pidfile")
         p.add_argument("--pg", action="append", help="NAME=PORT:PIDFILE (postmaster.pid)")
         p.add_argument("--redis-pidfile", help="Redis's pid: its CPU seconds too")
-        p.add_argument("--out", required=True)
+        add_options(p, "--out")
         if name == "snapshot":
-            p.add_argument("--label", required=True)
+            add_options(p, "--label")
         else:
             p.add_argument("--interval", type=float, default=1.0)
     p = sub.add_parser("entries")
-    p.add_argument("--redis-port", type=int, required=True)
+    add_options(p, "--redis-port")
     p.add_argument("--prefix", default="itemcache:")
     p.add_argument("--sample", type=int, default=2000)
-    args = ap.parse_args()
-    return {"snapshot": cmd_snapshot, "monitor": cmd_monitor, "entries": cmd_entries}[args.cmd](args)
+    return run_subcommand(ap, "cmd", {"snapshot": cmd_snapshot, "monitor": cmd_monitor, "entries": cmd_entries})
 
 
 if __name__ == "__main__":

@@ -16,49 +16,23 @@ a file every tick. Runs until SIGTERM.
 """
 
 import argparse
-import json
 import os
 import re
-import signal
 import sys
 import time
 import urllib.request
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-def read_pid(pidfile):
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (CLK_TCK, Stop, add_options, append_jsonl, machine_jiffies,  # noqa: E402
+                    metric_samples, read_pid, stat_fields, status_fields, ticks)
 
 
 def proc_stats(pid):
     out = {}
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    out["rss_kib"] = int(line.split()[1])
-                elif line.startswith("Threads:"):
-                    out["threads"] = int(line.split()[1])
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-            # fields[0] is state (field 3); utime and stime are fields 14 and 15.
-            out["cpu_s"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        out.update(status_fields(pid, {"VmRSS": "rss_kib", "Threads": "threads"}))
+        fields = stat_fields(pid)
+        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
         out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         pass
@@ -85,8 +59,7 @@ def others_sample():
                 cmd = f.read().replace(b"\0", b" ")
             if not OTHERS.search(cmd):
                 continue
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            fields = stat_fields(pid)
             now[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
         except OSError:
             continue
@@ -96,11 +69,8 @@ def others_sample():
 
 
 def machine_busy_s():
-    with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    vals = [int(x) for x in parts]
-    idle = vals[3] + vals[4]  # idle + iowait
-    return (sum(vals[:8]) - idle) / CLK_TCK, sum(vals[:8]) / CLK_TCK
+    busy, total = machine_jiffies()
+    return busy / CLK_TCK, total / CLK_TCK
 
 
 def tcp_established(ports):
@@ -131,14 +101,7 @@ def scrape(url):
     lookups, errors = {}, {}
     coalesced = 0.0
     hist = {}  # cache label -> {"buckets": {le: n}, "sum": s, "count": n}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        m = LINE.match(line)
-        if not m:
-            continue
-        name, labels_s, value = m.group(1), m.group(2) or "", float(m.group(3))
-        labels = dict(LABEL.findall(labels_s))
+    for name, labels, value in metric_samples(text):
         if name == "itemcache_cache_lookups_total":
             lookups[labels.get("result", "")] = value
         elif name == "itemcache_cache_errors_total":
@@ -161,19 +124,16 @@ def scrape(url):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pidfile", required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--redis-port", type=int, required=True)
+    add_options(ap, "--port", "--redis-port")
     ap.add_argument("--pg-port", type=int, required=True)
-    ap.add_argument("--out", required=True)
+    add_options(ap, "--out")
     ap.add_argument("--interval", type=float, default=1.0)
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    stop = Stop()
     url = f"http://127.0.0.1:{args.port}/metrics"
     ports = (args.port, args.redis_port, args.pg_port)
-    next_t = time.time()
     with open(args.out, "a", buffering=1) as out:
-        while not stop:
+        for _ in ticks(args.interval, stop):
             now = time.time()
             busy, total = machine_busy_s()
             sample = {"t": round(now, 3), "machine_busy_s": busy, "machine_total_s": total,
@@ -191,13 +151,7 @@ def main():
                 "redis": conns[args.redis_port],
                 "postgres": conns[args.pg_port],
             }
-            out.write(json.dumps(sample, separators=(",", ":")) + "\n")
-            next_t += args.interval
-            delay = next_t - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                next_t = time.time()
+            append_jsonl(out, sample)
     return 0
 
 
