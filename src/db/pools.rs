@@ -5,9 +5,10 @@
 //! another thread and back: the miss path paid two thread wake-ups per statement. So, as
 //! for Redis (`cache::connections`), each HTTP worker gets a small pool of its own, made on
 //! the worker on first use, and its requests take from it first; the rest of the budget is
-//! a shared pool made on the main runtime, for other tasks (the change feed's applier, the
-//! staleness checker, replica tracking) and for a worker whose own stay lent out for
-//! longer than a short wait.
+//! a shared pool made on the main runtime, for tasks that run there (replica tracking's
+//! position polls) and for a worker whose own stay lent out for longer than a short wait.
+//! Tasks a worker spawns (background refreshes, the staleness checker's re-reads) run on
+//! that worker and use its own. The change feed has connections of its own.
 //!
 //! Shutdown stays safe (the reason shared connections are made on the main runtime, see
 //! `db`): a worker's own connections are used only by tasks on that worker, so when actix
@@ -24,7 +25,7 @@ use super::{DbSetupError, POOL_CREATE_TIMEOUT, PgPool};
 use crate::workers::{self, Budget};
 
 /// The shared pool keeps at least this many connections, and an eighth of the budget: the
-/// change feed's applier and the staleness checker take theirs from it.
+/// overflow of busy workers, and tasks on the main runtime, take theirs from it.
 const SHARED_AT_LEAST: usize = 2;
 
 /// A worker waits this long for one of its own connections (a statement takes well under a
