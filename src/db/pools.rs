@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use deadpool::managed::Timeouts;
+use deadpool::managed::{TimeoutType, Timeouts};
 use diesel_async::AsyncPgConnection;
 use diesel_async::pooled_connection::deadpool::{Object, PoolError};
 use thread_local::ThreadLocal;
@@ -89,12 +89,14 @@ impl Pools {
 
     /// A connection: on an HTTP worker its own if one is free (or can be made) within
     /// [`OWN_FIRST`]'s wait, else a shared one, waiting for it at most the pool's wait
-    /// timeout.
+    /// timeout. An own connection that could not be made is the answer (the shared pool
+    /// would try the same server again, and a hanging one would cost the wait twice).
     pub async fn get(&self) -> Result<Object<AsyncPgConnection>, PoolError> {
-        if let Some(own) = self.own_pool()
-            && let Ok(conn) = own.timeout_get(&OWN_FIRST).await
-        {
-            return Ok(conn);
+        if let Some(own) = self.own_pool() {
+            match own.timeout_get(&OWN_FIRST).await {
+                Err(PoolError::Timeout(TimeoutType::Wait)) => {}
+                made_or_failed => return made_or_failed,
+            }
         }
         self.shared.get().await
     }
