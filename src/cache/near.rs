@@ -26,8 +26,8 @@
 //! the connection dropping).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::cache::{Cached, Entry};
@@ -202,29 +202,31 @@ impl Near {
     }
 
     fn store(&self, ticket: &Ticket<'_>, entry: &Entry) {
-        // Checked and stored under the shard's lock, which an invalidation of the id takes
-        // too: it comes either before (the ticket is void) or after (the entry goes).
-        let mut tickets = self
-            .shard(ticket.id)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if tickets.get(&ticket.id) == Some(&ticket.number) {
-            tickets.remove(&ticket.id);
-            if self.live.load(Ordering::Acquire) {
-                self.entries.insert(ticket.id, entry.clone());
-            }
+        // Stored under the shard's lock, which an invalidation of the id takes too: it comes
+        // either before (the ticket is void) or after (the entry goes).
+        if let Some(_locked) = self.redeem(ticket)
+            && self.live.load(Ordering::Acquire)
+        {
+            self.entries.insert(ticket.id, entry.clone());
         }
     }
 
     /// A ticket done with (stored or not): frees its place if it still holds it.
     fn release(&self, ticket: &Ticket<'_>) {
+        self.redeem(ticket);
+    }
+
+    /// Frees `ticket`'s place if it is still the id's newest and no invalidation came since;
+    /// then returns the shard's lock, held.
+    fn redeem(&self, ticket: &Ticket<'_>) -> Option<MutexGuard<'_, HashMap<ItemId, u64>>> {
         let mut tickets = self
             .shard(ticket.id)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if tickets.get(&ticket.id) == Some(&ticket.number) {
+        (tickets.get(&ticket.id) == Some(&ticket.number)).then(|| {
             tickets.remove(&ticket.id);
-        }
+            tickets
+        })
     }
 
     /// `id` changed: its entry goes, and reads in flight may not store what they read.
