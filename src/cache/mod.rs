@@ -177,10 +177,11 @@ impl Cache {
             let (entry, stamp) = self.get(id).await?;
             return Ok(Looked::Redis { entry, stamp });
         };
-        if let Some(entry) = near.get(id, now_ms()) {
+        let now = now_ms();
+        if let Some(entry) = near.get(id, now) {
             return Ok(Looked::Near(entry));
         }
-        let ticket = near.admit(id, now_ms()).then(|| near.ticket(id));
+        let ticket = near.admit(id, now).then(|| near.ticket(id));
         let got = self.get(id).await;
         if let (Ok((Some(entry), _)), Some(ticket)) = (&got, ticket)
             && entry.is_fresh(now_ms())

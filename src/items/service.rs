@@ -331,15 +331,12 @@ impl ItemService {
         cache_time: Duration,
     ) -> Result<Lookup<Option<ItemJson>>, ServiceError> {
         let started = Instant::now();
-        let (stale, noted) = match looked {
-            Some((stale, Some(stamp))) => (
-                stale,
-                (Some(HashMap::from([(id, stamp)])), CacheStatus::Miss),
-            ),
-            Some((stale, None)) => (stale, self.note_if(true, &[id]).await),
-            None => (None, self.note_if(false, &[id]).await),
+        let cache_read = looked.is_some();
+        let (stale, stamp) = looked.unwrap_or_default();
+        let (noted, status) = match stamp {
+            Some(stamp) => (Some(HashMap::from([(id, stamp)])), CacheStatus::Miss),
+            None => self.note_if(cache_read, &[id]).await,
         };
-        let (noted, status) = noted;
         let mut loaded = self.load(&[id], noted, Outdated(now_ms())).await;
         let db = Some(started.elapsed());
         let (value, status) = settle(answer(&mut loaded, id), stale, status)?;
