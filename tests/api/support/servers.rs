@@ -315,47 +315,71 @@ pub struct ClusterNode {
     _guardian: Child,
 }
 
+impl ClusterNode {
+    /// Starts a node on a free port with its cluster bus on another free port (`--cluster-port`;
+    /// the default, port + 10000, may be some other socket's ephemeral port, or past 65535).
+    /// A node that exits at once lost a port to another process between `free_port` and its
+    /// bind: it is started again on fresh ports.
+    fn start(dir: &Path) -> ClusterNode {
+        for _ in 0..5 {
+            let (port, bus) = (free_port(), free_port());
+            if port == bus {
+                continue;
+            }
+            let mut child = redis_server(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                    "--cluster-node-timeout",
+                    "1000",
+                    // Sync replicas at once, not after the default 5 s wait for more.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--dir",
+                    dir.to_str().expect("utf-8 temp dir"),
+                ],
+            );
+            let until = Instant::now() + Duration::from_secs(10);
+            let listening = loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break false;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break true;
+                }
+                if Instant::now() >= until {
+                    let _ = child.kill();
+                    panic!("cluster node on {port} did not start");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            if !listening {
+                continue;
+            }
+            let guardian = guardian(&format!(
+                "kill -CONT {0}; kill -9 {0}; rm -rf {1}",
+                child.id(),
+                dir.display()
+            ));
+            return ClusterNode {
+                port,
+                child: Mutex::new(Some(child)),
+                _guardian: guardian,
+            };
+        }
+        panic!("no cluster node started in 5 tries on fresh ports");
+    }
+}
+
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         let dir = scratch_dir("redis-cluster");
-        let nodes: Vec<ClusterNode> = (0..6)
-            .map(|_| {
-                let port = free_port();
-                let child = redis_server(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &format!("nodes-{port}.conf"),
-                        "--cluster-node-timeout",
-                        "1000",
-                        // Sync replicas at once, not after the default 5 s wait for more.
-                        "--repl-diskless-sync-delay",
-                        "0",
-                        "--dir",
-                        dir.to_str().expect("utf-8 temp dir"),
-                    ],
-                );
-                let guardian = guardian(&format!(
-                    "kill -CONT {0}; kill -9 {0}; rm -rf {1}",
-                    child.id(),
-                    dir.display()
-                ));
-                ClusterNode {
-                    port,
-                    child: Mutex::new(Some(child)),
-                    _guardian: guardian,
-                }
-            })
-            .collect();
-        for node in &nodes {
-            assert!(
-                wait_for_port(node.port, Duration::from_secs(10)),
-                "cluster node on {} did not start",
-                node.port
-            );
-        }
+        let nodes: Vec<ClusterNode> = (0..6).map(|_| ClusterNode::start(&dir)).collect();
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for node in &nodes {
