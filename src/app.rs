@@ -93,11 +93,18 @@ impl Application {
             .map_err(|e| StartupError::Redis(Box::new(e)))?;
             Factory::Cluster(Box::new(client))
         };
+        // A cluster connection connects to every seed, asks one for the map of slots, then
+        // connects to every node in it, each connect within `connect_timeout`: a frozen node
+        // costs it two of those (it waits for all), and it must not be given up before.
+        let make_timeout = match factory {
+            Factory::Single(_) => connect_timeout,
+            Factory::Cluster(_) => connect_timeout * 3 + settings.redis_timeout,
+        };
         let conns = Connections::new(
             factory,
             settings.redis_pool_size,
             http_workers(),
-            connect_timeout,
+            make_timeout,
         );
         if conns.connect_all().await == 0 {
             tracing::warn!("redis is not reachable; serving from postgres until it is");

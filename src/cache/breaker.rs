@@ -5,9 +5,19 @@
 //! fail at once, without touching Redis, for `COOL_DOWN`. Then half-open: one call (the
 //! probe) goes through; success closes the breaker, failure opens it again. Lock-free: the
 //! hot path reads one atomic.
+//!
+//! With a Redis Cluster there is one breaker per shard as well ([`Breakers`]): a call whose
+//! keys share a slot goes through the breaker of the shard serving that slot, so a master
+//! that fails sends its own slots' reads to Postgres and no others. Calls over many slots
+//! (batches, stamps of many ids) and calls before the first reading of the cluster's shards
+//! go through the whole cluster's breaker, as with one Redis.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+
+use ::redis::cluster_routing::Slot;
 
 /// Consecutive failures that open the breaker: enough that one slow reply or one dropped
 /// connection does not turn the cache off, few enough that an outage costs a handful of
@@ -103,9 +113,141 @@ impl Breaker {
     }
 }
 
+/// The breakers in front of Redis: one for the whole of it, and with a cluster one per
+/// shard (see the module docs).
+#[derive(Default)]
+pub struct Breakers {
+    whole: Breaker,
+    shards: RwLock<Arc<Shards>>,
+}
+
+/// A cluster's shards as last read: each one's slot ranges and breaker, and the shard of
+/// each slot.
+#[derive(Default)]
+struct Shards {
+    ranges: Vec<Vec<(u16, u16)>>,
+    breakers: Vec<Arc<Breaker>>,
+    of_slot: HashMap<Slot, usize>,
+}
+
+impl Breakers {
+    /// The breaker for calls over many slots, and for everything with one Redis.
+    pub fn whole(&self) -> &Breaker {
+        &self.whole
+    }
+
+    /// The breaker of the shard serving `slot`; `None` for a call over many slots (or with
+    /// one Redis) and while the cluster's shards are not known: then [`Breakers::whole`].
+    pub fn of_slot(&self, slot: Option<Slot>) -> Option<Arc<Breaker>> {
+        let slot = slot?;
+        let shards = self.shards.read().ok()?;
+        shards
+            .of_slot
+            .get(&slot)
+            .map(|&i| shards.breakers[i].clone())
+    }
+
+    /// Takes a reading of the cluster's shards: each one's slot ranges (`CLUSTER SHARDS`).
+    /// A shard whose ranges are unchanged keeps its breaker, open or not: a failover changes
+    /// its master, not its slots, and the next probe finds the new master.
+    pub fn set_shards(&self, mut ranges: Vec<Vec<(u16, u16)>>) {
+        for shard in &mut ranges {
+            shard.sort_unstable();
+        }
+        ranges.retain(|shard| !shard.is_empty());
+        ranges.sort_unstable();
+        let current = self.shards.read().map(|s| s.clone()).ok();
+        let Some(current) = current else { return };
+        if current.ranges == ranges {
+            return;
+        }
+        let breakers: Vec<Arc<Breaker>> = ranges
+            .iter()
+            .map(|shard| {
+                current
+                    .ranges
+                    .iter()
+                    .position(|known| known == shard)
+                    .map_or_else(Default::default, |i| current.breakers[i].clone())
+            })
+            .collect();
+        let of_slot = ranges
+            .iter()
+            .enumerate()
+            .flat_map(|(i, shard)| {
+                shard
+                    .iter()
+                    .flat_map(|&(low, high)| low..=high)
+                    .filter_map(Slot::new)
+                    .map(move |slot| (slot, i))
+            })
+            .collect();
+        if let Ok(mut shards) = self.shards.write() {
+            *shards = Arc::new(Shards {
+                ranges,
+                breakers,
+                of_slot,
+            });
+        }
+    }
+
+    /// Whether any breaker (the whole one or a shard's) has stopped sending calls to Redis.
+    pub fn is_open(&self) -> bool {
+        self.whole.is_open()
+            || self
+                .shards
+                .read()
+                .is_ok_and(|s| s.breakers.iter().any(|b| b.is_open()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn open(breaker: &Breaker) {
+        for _ in 0..OPEN_AFTER {
+            breaker.failed(Permit::Call);
+        }
+    }
+
+    #[test]
+    fn a_shards_breaker_serves_its_own_slots_and_survives_a_failover() {
+        let breakers = Breakers::default();
+        let slot = |n| Slot::new(n).unwrap();
+        assert!(breakers.of_slot(Some(slot(7))).is_none(), "not known yet");
+        breakers.set_shards(vec![vec![(0, 99), (200, 299)], vec![(100, 199)]]);
+        let first = breakers.of_slot(Some(slot(250))).unwrap();
+        assert!(Arc::ptr_eq(
+            &first,
+            &breakers.of_slot(Some(slot(0))).unwrap()
+        ));
+        let second = breakers.of_slot(Some(slot(150))).unwrap();
+        open(&first);
+        assert_eq!(first.permit(), Permit::Refused);
+        assert_eq!(second.permit(), Permit::Call, "the other shard is closed");
+        assert_eq!(breakers.whole().permit(), Permit::Call);
+        assert!(breakers.is_open());
+        assert!(
+            breakers.of_slot(None).is_none(),
+            "many slots: the whole one"
+        );
+        assert!(
+            breakers.of_slot(Some(slot(5000))).is_none(),
+            "no shard serves it"
+        );
+
+        // The same ranges read again (a new master): the open breaker stays open.
+        breakers.set_shards(vec![vec![(100, 199)], vec![(200, 299), (0, 99)]]);
+        let again = breakers.of_slot(Some(slot(250))).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        // A slot moved (resharding): its shards start closed.
+        breakers.set_shards(vec![vec![(0, 150)], vec![(151, 299)]]);
+        assert_eq!(
+            breakers.of_slot(Some(slot(250))).unwrap().permit(),
+            Permit::Call
+        );
+    }
 
     #[test]
     fn opens_after_consecutive_failures_and_closes_on_a_good_probe() {

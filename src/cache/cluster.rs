@@ -93,10 +93,11 @@ pub fn slot_groups(keys: &Keys, len: usize, key_of: impl Fn(usize) -> String) ->
         .collect()
 }
 
-/// A shard that serves slots, from a `CLUSTER SHARDS` reply: the first slot of its ranges,
-/// and its master's node id if it has a healthy one.
+/// A shard that serves slots, from a `CLUSTER SHARDS` reply: its slot ranges (the first
+/// slot of the first one keys it), and its master's node id if it has a healthy one.
 struct Shard {
     first_slot: i64,
+    ranges: Vec<(u16, u16)>,
     master: Option<String>,
 }
 
@@ -122,15 +123,31 @@ fn shards(reply: &Value) -> Vec<Shard> {
     shards
         .iter()
         .filter_map(|shard| {
-            let first_slot = match field(shard, "slots") {
-                Some(Value::Array(bounds)) => bounds.first().and_then(as_int)?,
+            let (first_slot, ranges) = match field(shard, "slots") {
+                Some(Value::Array(bounds)) => {
+                    let ranges = bounds
+                        .chunks(2)
+                        .filter_map(|pair| match pair {
+                            [low, high] => Some((
+                                u16::try_from(as_int(low)?).ok()?,
+                                u16::try_from(as_int(high)?).ok()?,
+                            )),
+                            _ => None,
+                        })
+                        .collect();
+                    (bounds.first().and_then(as_int)?, ranges)
+                }
                 _ => return None,
             };
             let master = match field(shard, "nodes") {
                 Some(Value::Array(nodes)) => master_of(nodes),
                 _ => None,
             };
-            Some(Shard { first_slot, master })
+            Some(Shard {
+                first_slot,
+                ranges,
+                master,
+            })
         })
         .collect()
 }
@@ -147,6 +164,14 @@ pub fn master_routes(reply: &Value) -> Vec<RoutingInfo> {
                 SlotAddr::Master,
             )))
         })
+        .collect()
+}
+
+/// Each shard's slot ranges (inclusive), from a `CLUSTER SHARDS` reply.
+pub fn shard_ranges(reply: &Value) -> Vec<Vec<(u16, u16)>> {
+    shards(reply)
+        .into_iter()
+        .map(|shard| shard.ranges)
         .collect()
 }
 

@@ -151,6 +151,8 @@ struct Inner {
     /// The main runtime, where shared connections are made (and so their drivers run).
     main: tokio::runtime::Handle,
     generation: AtomicU64,
+    /// Connections made before this generation are replaced ([`Connections::renew`]).
+    renew_before: AtomicU64,
     connect_timeout: Duration,
 }
 
@@ -194,6 +196,7 @@ impl Connections {
                 shared,
                 main: tokio::runtime::Handle::current(),
                 generation: AtomicU64::new(0),
+                renew_before: AtomicU64::new(0),
                 connect_timeout,
             }),
         }
@@ -272,11 +275,24 @@ impl Connections {
         }
     }
 
-    /// A clone of `slot`'s connection; if it has none, a new one is made in the background.
+    /// Every connection made until now is replaced by a new one, each in the background
+    /// on its own thread when it is next lent, and used until then. With a cluster, a new
+    /// connection reads the cluster's map of slots afresh (after a failover, see
+    /// `feed::replay`).
+    pub fn renew(&self) {
+        let next = self.inner.generation.load(Ordering::Relaxed);
+        self.inner.renew_before.fetch_max(next, Ordering::Relaxed);
+    }
+
+    /// A clone of `slot`'s connection; if it has none, a new one is made in the background
+    /// (as it is, while it is still lent, for one made before [`Connections::renew`]).
     fn try_lend<'a>(&'a self, slot: &'a Arc<Slot>, shared: bool) -> Option<(Conn, Lent<'a>)> {
         let current = slot.conn.read().ok().and_then(|c| c.clone());
         match current {
             Some((generation, conn)) => {
+                if generation < self.inner.renew_before.load(Ordering::Relaxed) {
+                    self.spawn_reconnect(slot, shared);
+                }
                 slot.in_flight.fetch_add(1, Ordering::Relaxed);
                 let lent = Lent {
                     slot,

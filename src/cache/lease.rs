@@ -122,7 +122,9 @@ impl Cache {
                         .arg(token.as_str())
                         .arg(LEASE_TTL.as_millis() as u64)
                         .arg(outdated_ms);
-                    self.invoke::<Vec<i64>>(CacheOp::Lease, &invocation).await
+                    let slot = self.slot_of(|| self.keys.lease(*group[0]));
+                    self.invoke::<Vec<i64>>(CacheOp::Lease, slot, &invocation)
+                        .await
                 },
             )
             .await?;
@@ -145,7 +147,9 @@ impl Cache {
                     invocation.key(self.keys.lease(id));
                 }
                 invocation.arg(token.as_str());
-                self.invoke::<i64>(CacheOp::Lease, &invocation).await?;
+                let slot = self.slot_of(|| self.keys.lease(*group[0]));
+                self.invoke::<i64>(CacheOp::Lease, slot, &invocation)
+                    .await?;
                 Ok(vec![(); group.len()])
             },
         )
@@ -159,7 +163,11 @@ impl Cache {
         for &id in ids {
             cmd.arg(self.keys.entry(id)).arg(self.keys.lease(id));
         }
-        match self.run(CacheOp::Lease, &cmd).await? {
+        let slot = match ids {
+            [id] => self.slot_of(|| self.keys.entry(*id)),
+            _ => None,
+        };
+        match self.run_in(CacheOp::Lease, slot, &cmd).await? {
             Value::Array(values) if values.len() == ids.len() * 2 => {
                 let mut values = values.into_iter();
                 let mut polled = Vec::with_capacity(ids.len());

@@ -17,12 +17,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::cluster_routing::RoutingInfo;
+use ::redis::cluster_routing::{RoutingInfo, Slot};
 use ::redis::{Script, Value};
 use bytes::Bytes;
 use rand::Rng;
 
-use crate::cache::breaker::{Breaker, Permit};
+use crate::cache::breaker::{Breakers, Permit};
 use crate::db::replicas::Lsn;
 use crate::failpoints;
 use crate::items::model::ItemId;
@@ -135,7 +135,7 @@ pub struct Cache {
     fill_script: Script,
     invalidate_script: Script,
     flush_script: Script,
-    breaker: Arc<Breaker>,
+    breakers: Arc<Breakers>,
     /// The near cache in front of Redis, when on (`CACHE_L1_MAX_MB`).
     near: Option<Arc<Near>>,
 }
@@ -157,7 +157,7 @@ impl Cache {
             fill_script: Script::new(redis::FILL_SCRIPT),
             invalidate_script: Script::new(redis::INVALIDATE_SCRIPT),
             flush_script: Script::new(redis::FLUSH_SCRIPT),
-            breaker: Arc::new(Breaker::default()),
+            breakers: Arc::new(Breakers::default()),
             near: None,
         }
     }
@@ -235,9 +235,10 @@ impl Cache {
         stamp: String,
         flush: String,
     ) -> Result<(Option<Bytes>, Stamp), CacheError> {
+        let slot = self.slot_of(|| entry.clone());
         let mut cmd = ::redis::cmd("MGET");
         cmd.arg(entry).arg(stamp).arg(flush);
-        match self.run(CacheOp::Get, &cmd).await? {
+        match self.run_in(CacheOp::Get, slot, &cmd).await? {
             Value::Array(values) if values.len() == 3 => {
                 let mut values = values.into_iter();
                 let raw = match values.next() {
@@ -376,7 +377,8 @@ impl Cache {
             .arg(entry.encode())
             .arg(ttl.as_millis().max(1) as u64)
             .arg("");
-        let filled: Vec<i64> = self.invoke(CacheOp::Set, &invocation).await?;
+        let slot = self.slot_of(|| self.keys.name_entry(name));
+        let filled: Vec<i64> = self.invoke(CacheOp::Set, slot, &invocation).await?;
         Ok(filled.first() == Some(&1))
     }
 
@@ -409,7 +411,9 @@ impl Cache {
                             .arg(fill.ttl.as_millis().max(1) as u64)
                             .arg(lease.map_or("", LeaseToken::as_str));
                     }
-                    self.invoke::<Vec<i64>>(CacheOp::Set, &invocation).await
+                    let slot = self.slot_of(|| self.keys.entry(group[0].id));
+                    self.invoke::<Vec<i64>>(CacheOp::Set, slot, &invocation)
+                        .await
                 },
             )
             .await?;
@@ -472,7 +476,8 @@ impl Cache {
                             .arg(tag)
                             .arg(stamp);
                     }
-                    self.invoke::<i64>(op, &invocation).await?;
+                    let slot = self.slot_of(|| self.target_keys(&group[0].0).0);
+                    self.invoke::<i64>(op, slot, &invocation).await?;
                     Ok(vec![(); group.len()])
                 },
             )
@@ -553,7 +558,8 @@ impl Cache {
                 replace
                     .key(key)
                     .arg(format!("{:016x}", rand::rng().random::<u64>()));
-                self.invoke::<i64>(CacheOp::Feed, &replace).await
+                self.invoke::<i64>(CacheOp::Feed, self.slot_of(|| key.clone()), &replace)
+                    .await
             });
             for replaced in futures_util::future::join_all(replaces).await {
                 replaced?;
@@ -615,7 +621,8 @@ impl Cache {
                 self.per_slot(&keys, Clone::clone, |group| async move {
                     let mut unlink = ::redis::cmd("UNLINK");
                     unlink.arg(&group);
-                    self.run(CacheOp::Feed, &unlink).await?;
+                    let slot = self.slot_of(|| group[0].clone());
+                    self.run_in(CacheOp::Feed, slot, &unlink).await?;
                     Ok(vec![(); group.len()])
                 })
                 .await?;
@@ -633,7 +640,14 @@ impl Cache {
         let shards = self
             .topology(&::redis::cmd("CLUSTER").arg("SHARDS").to_owned(), None)
             .await?;
+        self.breakers.set_shards(cluster::shard_ranges(&shards));
         Ok(cluster::masters(&shards))
+    }
+
+    /// After a failover: every connection is renewed, so that none routes a moved slot to
+    /// the old master (a frozen one would time every call out until then).
+    pub fn follow_failover(&self) {
+        self.conns.renew();
     }
 
     /// Settings of the cluster (`CONFIG GET`, asked of one master), as name → value.
@@ -700,13 +714,31 @@ impl Cache {
         result.map(drop)
     }
 
-    /// Whether the circuit breaker has stopped sending calls to Redis.
+    /// Whether a circuit breaker (the whole one, or with a cluster a shard's) has stopped
+    /// sending calls to Redis.
     pub fn is_circuit_open(&self) -> bool {
-        self.breaker.is_open()
+        self.breakers.is_open()
     }
 
+    /// With a cluster, the slot of a call whose keys all share `key`'s slot: the call then
+    /// goes through that slot's shard's breaker. `None` with one Redis (`key` not built).
+    fn slot_of(&self, key: impl FnOnce() -> String) -> Option<Slot> {
+        self.keys.is_cluster().then(|| Slot::for_key(key()))
+    }
+
+    /// A command over keys in many slots (or with one Redis): through the whole breaker.
     async fn run(&self, op: CacheOp, cmd: &::redis::Cmd) -> Result<Value, CacheError> {
-        self.call(op, |mut conn| async move {
+        self.run_in(op, None, cmd).await
+    }
+
+    /// A command whose keys are all in `slot` (see [`Cache::slot_of`]).
+    async fn run_in(
+        &self,
+        op: CacheOp,
+        slot: Option<Slot>,
+        cmd: &::redis::Cmd,
+    ) -> Result<Value, CacheError> {
+        self.call(op, slot, |mut conn| async move {
             cmd.query_async::<Value>(&mut conn).await
         })
         .await
@@ -719,7 +751,7 @@ impl Cache {
         cmd: &::redis::Cmd,
         node: &RoutingInfo,
     ) -> Result<Value, CacheError> {
-        self.call(op, |conn| async move {
+        self.call(op, None, |conn| async move {
             match conn {
                 Conn::Cluster(mut conn) => conn.route_command(cmd.clone(), node.clone()).await,
                 Conn::Single(mut conn) => cmd.query_async::<Value>(&mut conn).await,
@@ -728,24 +760,34 @@ impl Cache {
         .await
     }
 
+    /// A script over keys in `slot` (with a cluster a script's keys share one slot).
     async fn invoke<T: ::redis::FromRedisValue>(
         &self,
         op: CacheOp,
+        slot: Option<Slot>,
         invocation: &::redis::ScriptInvocation<'_>,
     ) -> Result<T, CacheError> {
-        self.call(op, |mut conn| async move {
+        self.call(op, slot, |mut conn| async move {
             invocation.invoke_async::<T>(&mut conn).await
         })
         .await
     }
 
-    /// One Redis call: through the breaker, timed and counted.
-    async fn call<T, F, Fut>(&self, op: CacheOp, send: F) -> Result<T, CacheError>
+    /// One Redis call: through the breaker (`slot`'s shard's with a cluster, else the
+    /// whole one), timed and counted.
+    async fn call<T, F, Fut>(
+        &self,
+        op: CacheOp,
+        slot: Option<Slot>,
+        send: F,
+    ) -> Result<T, CacheError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = ::redis::RedisResult<T>>,
     {
-        let permit = self.breaker.permit();
+        let shard = self.breakers.of_slot(slot);
+        let breaker = shard.as_deref().unwrap_or(self.breakers.whole());
+        let permit = breaker.permit();
         if permit == Permit::Refused {
             metrics::record_cache_error(op);
             return Err(CacheError::CircuitOpen);
@@ -753,8 +795,8 @@ impl Cache {
         let started = Instant::now();
         let result = self.send(send).await;
         match &result {
-            Ok(_) => self.breaker.succeeded(permit),
-            Err(_) => self.breaker.failed(permit),
+            Ok(_) => breaker.succeeded(permit),
+            Err(_) => breaker.failed(permit),
         }
         self.account(op, started, &result);
         result
@@ -770,12 +812,17 @@ impl Cache {
         let Some((conn, lent)) = self.conns.lend() else {
             return Err(CacheError::NoConnection);
         };
+        // A cluster connection is not dropped for a timeout: it holds one connection per
+        // node, and a frozen master must not take the others' slots down with it (redis-rs
+        // replaces that node's own connection). A failover is followed by renewing every
+        // connection (`Cache::follow_failover`), since one that timed out may still route to
+        // the old master.
+        let cluster = matches!(conn, Conn::Cluster(_));
         match tokio::time::timeout(self.timeout, send(conn)).await {
             Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if cluster && e.is_timeout() => Err(CacheError::Redis(Arc::new(e))),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "redis call failed");
-                // A cluster connection that timed out may still be routing to a master that
-                // died: a new one reads the cluster's current map of slots.
                 if e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_unrecoverable_error()
@@ -787,7 +834,9 @@ impl Cache {
                 Err(CacheError::Redis(Arc::new(e)))
             }
             Err(_) => {
-                self.conns.discard(&lent);
+                if !cluster {
+                    self.conns.discard(&lent);
+                }
                 Err(CacheError::Timeout(self.timeout))
             }
         }

@@ -188,6 +188,9 @@ pub async fn watch_failovers(
         if settled {
             known = Some(masters);
         }
+        if changed {
+            service.follow_failover();
+        }
         let retry_due = owed.is_some_and(|(at, _)| Instant::now() >= at);
         if !changed && !retry_due {
             continue;

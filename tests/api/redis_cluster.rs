@@ -268,3 +268,78 @@ async fn an_invalidation_that_a_failover_lost_is_applied_again() {
     })
     .await;
 }
+
+/// A master frozen: its own ids are answered from Postgres (its shard's circuit opens), all
+/// others stay hits; once a replica has taken over, its ids are hits again.
+#[tokio::test]
+async fn a_frozen_master_sends_only_its_own_ids_to_postgres_until_it_is_replaced() {
+    // A node timeout long enough that the reads below run before the failover (they hold
+    // after it too), short enough that the failover comes within the test.
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(|| {
+            RedisCluster::start_with_node_timeout(Duration::from_secs(3))
+        })
+        .await
+        .unwrap(),
+    );
+    let app = Spawn::default()
+        .var("REDIS_CLUSTER_NODES", cluster.seeds())
+        .var("REDIS_TIMEOUT_MS", 200)
+        .start()
+        .await;
+    let ids = app.insert_items(30).await;
+    for &id in &ids {
+        app.get_item(id).await;
+        assert_eq!(header(&app.get_item(id).await, "x-cache"), "HIT");
+    }
+    let key = |id: i64| format!("{}item:{{{id}}}", app.prefix);
+    let frozen = cluster.master_of(&key(ids[0]));
+    let (on_frozen, elsewhere): (Vec<i64>, Vec<i64>) = ids
+        .iter()
+        .partition(|&&id| cluster.master_of(&key(id)) == frozen);
+    assert!(!elsewhere.is_empty(), "30 ids land on more than one master");
+    cluster.freeze(frozen);
+
+    // The frozen master's ids: answered from Postgres, the first few after the deadline,
+    // then at once (its shard's circuit is open).
+    for round in 0..3 {
+        for &id in &on_frozen {
+            let read = app.get_item(id).await;
+            assert_eq!(read.status(), 200, "round {round}, id {id}");
+        }
+    }
+    // Every other id is still a hit from its own master: one master's circuit is not all.
+    for &id in &elsewhere {
+        let read = app.get_item(id).await;
+        assert_eq!(read.status(), 200);
+        assert_eq!(
+            header(&read, "x-cache"),
+            "HIT",
+            "id {id} is on a live master"
+        );
+    }
+
+    // The replica takes over (the frozen master stays frozen): the service follows it, and
+    // the frozen master's ids are hits again, from the promoted replica.
+    {
+        let cluster = cluster.clone();
+        let key = key(ids[0]);
+        tokio::task::spawn_blocking(move || {
+            cluster.wait_for_failover(&key, frozen, Duration::from_secs(30))
+        })
+        .await
+        .unwrap();
+    }
+    for &id in &on_frozen {
+        eventually(
+            "a hit from the promoted replica",
+            Duration::from_secs(15),
+            || async {
+                let read = app.get_item(id).await;
+                (header(&read, "x-cache") == "HIT").then_some(())
+            },
+        )
+        .await;
+    }
+    cluster.thaw(frozen);
+}

@@ -54,6 +54,11 @@ impl ItemService {
         self.inner.cache.cluster_masters().await
     }
 
+    /// With a Redis Cluster, after a failover: see [`crate::cache::Cache::follow_failover`].
+    pub fn follow_failover(&self) {
+        self.inner.cache.follow_failover();
+    }
+
     /// With a Redis Cluster, some of its settings (`CONFIG GET`).
     pub async fn cluster_config(
         &self,

@@ -312,6 +312,8 @@ pub struct RedisCluster {
 pub struct ClusterNode {
     pub port: u16,
     child: Mutex<Option<Child>>,
+    /// Stopped (SIGSTOP): asked nothing, since it would answer nothing.
+    frozen: std::sync::atomic::AtomicBool,
     _guardian: Child,
 }
 
@@ -320,7 +322,7 @@ impl ClusterNode {
     /// the default, port + 10000, may be some other socket's ephemeral port, or past 65535).
     /// A node that exits at once lost a port to another process between `free_port` and its
     /// bind: it is started again on fresh ports.
-    fn start(dir: &Path) -> ClusterNode {
+    fn start(dir: &Path, node_timeout: Duration) -> ClusterNode {
         for _ in 0..5 {
             let (port, bus) = (free_port(), free_port());
             if port == bus {
@@ -336,7 +338,7 @@ impl ClusterNode {
                     "--cluster-config-file",
                     &format!("nodes-{port}.conf"),
                     "--cluster-node-timeout",
-                    "1000",
+                    &node_timeout.as_millis().to_string(),
                     // Sync replicas at once, not after the default 5 s wait for more.
                     "--repl-diskless-sync-delay",
                     "0",
@@ -369,6 +371,7 @@ impl ClusterNode {
             return ClusterNode {
                 port,
                 child: Mutex::new(Some(child)),
+                frozen: Default::default(),
                 _guardian: guardian,
             };
         }
@@ -378,8 +381,16 @@ impl ClusterNode {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        Self::start_with_node_timeout(Duration::from_secs(1))
+    }
+
+    /// A cluster whose nodes take `node_timeout` to judge a silent master failed (and fail
+    /// it over).
+    pub fn start_with_node_timeout(node_timeout: Duration) -> RedisCluster {
         let dir = scratch_dir("redis-cluster");
-        let nodes: Vec<ClusterNode> = (0..6).map(|_| ClusterNode::start(&dir)).collect();
+        let nodes: Vec<ClusterNode> = (0..6)
+            .map(|_| ClusterNode::start(&dir, node_timeout))
+            .collect();
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for node in &nodes {
@@ -412,10 +423,11 @@ impl RedisCluster {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The nodes that run and answer (neither killed nor frozen).
     fn alive(&self) -> impl Iterator<Item = &ClusterNode> {
         self.nodes
             .iter()
-            .filter(|n| n.child.lock().unwrap().is_some())
+            .filter(|n| n.child.lock().unwrap().is_some() && !n.frozen.load(Ordering::Relaxed))
     }
 
     /// Waits until every live node says the cluster is ok and agrees on 3 masters with
@@ -547,10 +559,12 @@ impl RedisCluster {
     /// SIGSTOP: the node neither answers nor replicates.
     pub fn freeze(&self, port: u16) {
         self.signal(port, "STOP");
+        self.node(port).frozen.store(true, Ordering::Relaxed);
     }
 
     pub fn thaw(&self, port: u16) {
         self.signal(port, "CONT");
+        self.node(port).frozen.store(false, Ordering::Relaxed);
     }
 }
 
