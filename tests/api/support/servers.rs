@@ -400,7 +400,45 @@ impl RedisCluster {
         run(&mut create);
         let cluster = RedisCluster { nodes, _dir: dir };
         cluster.wait_until_ok(Duration::from_secs(30));
+        cluster.wait_for_replicas(Duration::from_secs(30));
         cluster
+    }
+
+    /// Waits until every master knows its replica: `cluster_state:ok` comes first, and a
+    /// master learns of its replica by gossip (CI once found none right after the start).
+    fn wait_for_replicas(&self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        let replicas = |port: u16| {
+            let id = Self::cli(port, &["cluster", "myid"])?;
+            Self::cli(port, &["cluster", "replicas", id.trim()])
+        };
+        loop {
+            let nodes = self
+                .alive()
+                .next()
+                .and_then(|n| Self::cli(n.port, &["cluster", "nodes"]))
+                .unwrap_or_default();
+            let masters: Vec<u16> = nodes
+                .lines()
+                .filter(|line| line.contains("master") && !line.contains("fail"))
+                .filter_map(|line| {
+                    let address = line.split_whitespace().nth(1)?;
+                    address.split('@').next()?.rsplit(':').next()?.parse().ok()
+                })
+                .collect();
+            let all = masters.len() == 3
+                && masters
+                    .iter()
+                    .all(|&m| replicas(m).is_some_and(|r| !r.trim().is_empty()));
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "the masters did not see their replicas"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The seed URLs, comma-separated (`REDIS_CLUSTER_NODES`).
