@@ -76,7 +76,7 @@ impl Breaker {
         }
     }
 
-    pub fn is_open(&self) -> bool {
+    fn is_open(&self) -> bool {
         self.open_until.load(Ordering::Acquire) != 0
     }
 
@@ -190,15 +190,6 @@ impl Breakers {
             });
         }
     }
-
-    /// Whether any breaker (the whole one or a shard's) has stopped sending calls to Redis.
-    pub fn is_open(&self) -> bool {
-        self.whole.is_open()
-            || self
-                .shards
-                .read()
-                .is_ok_and(|s| s.breakers.iter().any(|b| b.is_open()))
-    }
 }
 
 #[cfg(test)]
@@ -227,7 +218,6 @@ mod tests {
         assert_eq!(first.permit(), Permit::Refused);
         assert_eq!(second.permit(), Permit::Call, "the other shard is closed");
         assert_eq!(breakers.whole().permit(), Permit::Call);
-        assert!(breakers.is_open());
         assert!(
             breakers.of_slot(None).is_none(),
             "many slots: the whole one"

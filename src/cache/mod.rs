@@ -714,12 +714,6 @@ impl Cache {
         result.map(drop)
     }
 
-    /// Whether a circuit breaker (the whole one, or with a cluster a shard's) has stopped
-    /// sending calls to Redis.
-    pub fn is_circuit_open(&self) -> bool {
-        self.breakers.is_open()
-    }
-
     /// With a cluster, the slot of a call whose keys all share `key`'s slot: the call then
     /// goes through that slot's shard's breaker. `None` with one Redis (`key` not built).
     fn slot_of(&self, key: impl FnOnce() -> String) -> Option<Slot> {
@@ -803,7 +797,12 @@ impl Cache {
     }
 
     /// Sends on a lent connection under the deadline. A connection that failed or hung is
-    /// replaced, since a frozen peer would otherwise hang every command sent on it.
+    /// replaced, since a frozen peer would otherwise hang every command sent on it; except
+    /// a cluster connection that timed out: it holds one connection per node, and a frozen
+    /// master must not take the other shards' slots down with it (redis-rs replaces that
+    /// node's own connection). A failover is followed by renewing every connection
+    /// (`Cache::follow_failover`), since one that timed out may still route to the old
+    /// master.
     async fn send<T, F, Fut>(&self, send: F) -> Result<T, CacheError>
     where
         F: FnOnce(Conn) -> Fut,
@@ -812,34 +811,26 @@ impl Cache {
         let Some((conn, lent)) = self.conns.lend() else {
             return Err(CacheError::NoConnection);
         };
-        // A cluster connection is not dropped for a timeout: it holds one connection per
-        // node, and a frozen master must not take the others' slots down with it (redis-rs
-        // replaces that node's own connection). A failover is followed by renewing every
-        // connection (`Cache::follow_failover`), since one that timed out may still route to
-        // the old master.
         let cluster = matches!(conn, Conn::Cluster(_));
-        match tokio::time::timeout(self.timeout, send(conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) if cluster && e.is_timeout() => Err(CacheError::Redis(Arc::new(e))),
+        let (timed_out, broken, error) = match tokio::time::timeout(self.timeout, send(conn)).await
+        {
+            Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "redis call failed");
-                if e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_unrecoverable_error()
-                    || e.is_timeout()
-                    || e.is_cluster_error()
-                {
-                    self.conns.discard(&lent);
-                }
-                Err(CacheError::Redis(Arc::new(e)))
+                let timed_out = e.is_timeout();
+                let broken = !timed_out
+                    && (e.is_io_error()
+                        || e.is_connection_dropped()
+                        || e.is_unrecoverable_error()
+                        || e.is_cluster_error());
+                (timed_out, broken, CacheError::Redis(Arc::new(e)))
             }
-            Err(_) => {
-                if !cluster {
-                    self.conns.discard(&lent);
-                }
-                Err(CacheError::Timeout(self.timeout))
-            }
+            Err(_) => (true, false, CacheError::Timeout(self.timeout)),
+        };
+        if broken || (timed_out && !cluster) {
+            self.conns.discard(&lent);
         }
+        Err(error)
     }
 
     fn account<T>(&self, op: CacheOp, started: Instant, result: &Result<T, CacheError>) {
