@@ -499,9 +499,13 @@ async fn a_statement_timeout_or_a_terminated_backend_is_a_503() {
                     #[diesel(sql_type = diesel::sql_types::BigInt)]
                     n: i64,
                 }
+                // The read's backend only: the change feed's may wait on the lock too, and
+                // counting it let this pass with the read still waiting (CI saw one such run
+                // end in a 503 after the COMMIT).
                 let done: Terminated = diesel::sql_query(
                     "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                 AND query LIKE 'SELECT%' AND query NOT LIKE '%item_changes%'",
                 )
                 .get_result(&mut conn)
                 .await
@@ -519,6 +523,14 @@ async fn a_statement_timeout_or_a_terminated_backend_is_a_503() {
         .await
         .unwrap();
 
-    // And the service recovers by itself.
-    assert_eq!(app.get_item(ids[1]).await.status(), 200);
+    // And the service recovers by itself. The terminated backend's connection went back to
+    // the pool (diesel-async's recycle check does not see it dead yet), and a dead connection
+    // fails its first real query, which drops it (`db`'s module docs): at most one more 503.
+    let first = app.get_item(ids[1]).await.status();
+    let second = app.get_item(ids[1]).await.status();
+    assert!(
+        first == 200 || (first == 503 && second == 200),
+        "after the commit: {first}, then {second}"
+    );
+    assert_eq!(second, 200);
 }
